@@ -4,7 +4,7 @@ A random-weight decoder barely depends on its input, so rewards on decoded image
 samples apart and nothing learns through it. This fitted tiny VAE is part of the embedded tiny
 default (``psr.models.builders.tiny_flux_kontext_components(fitted_vae=True)``).
 
-    python scripts/fit_tiny_vae.py --steps 400 --out psr/models/assets/tiny_vae.safetensors
+    python scripts/fit_tiny_vae.py --steps 1500 --lr 1e-3 --out psr/models/assets/tiny_vae.safetensors
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def fit(steps: int = 400, lr: float = 2e-3, batch: int = 8, size: int = 64, seed
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="psr/models/assets/tiny_vae.safetensors")
     args = parser.parse_args()
