@@ -27,7 +27,9 @@ COLOURS = {
 SHAPES = ("square", "disc", "triangle")
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]
+) -> None:
     x0, y0, x1, y1 = box
     if shape == "square":
         draw.rectangle(box, fill=colour)
@@ -65,7 +67,7 @@ def write_synthetic_manifest(
         tdraw = ImageDraw.Draw(target)
         cell = size // n
         subjects = []
-        for k, (colour, shape) in enumerate(zip(colours, shapes)):
+        for k, (colour, shape) in enumerate(zip(colours, shapes, strict=True)):
             ref = Image.new("RGB", (size, size), (255, 255, 255))
             m = size // 6
             draw_shape(ImageDraw.Draw(ref), shape, (m, m, size - m, size - m), COLOURS[colour])
@@ -73,7 +75,11 @@ def write_synthetic_manifest(
             ref.save(out / ref_path)
             box = (k * cell + 2, size // 4, (k + 1) * cell - 2, size // 4 + cell - 4)
             draw_shape(tdraw, shape, box, COLOURS[colour])
-            subjects.append(Subject(name=f"{colour} {shape}", category=shape, reference=ref_path, box=[float(v) for v in box]))
+            subjects.append(
+                Subject(
+                    name=f"{colour} {shape}", category=shape, reference=ref_path, box=[float(v) for v in box]
+                )
+            )
         target_path = f"images/{i:05d}_target.png"
         target.save(out / target_path)
         names = " and ".join(f"the {s.name}" for s in subjects)

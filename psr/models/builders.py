@@ -87,12 +87,16 @@ def flux_kontext_components(
     root = resolve_checkpoint(path, config_key=config_key)
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{config_key}={path!s}: missing subfolders {missing}; expected {_EXPECTED_LAYOUT}")
+        raise FileNotFoundError(
+            f"{config_key}={path!s}: missing subfolders {missing}; expected {_EXPECTED_LAYOUT}"
+        )
     dt = parse_dtype(dtype)
     te_dt = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dt
     kw: dict[str, Any] = {"local_files_only": True}
     tokenizer_2_cls: Any = T5TokenizerFast
-    if (root / "tokenizer_2" / "added_tokens.json").is_file() and not (root / "tokenizer_2" / "spiece.model").is_file():
+    if (root / "tokenizer_2" / "added_tokens.json").is_file() and not (
+        root / "tokenizer_2" / "spiece.model"
+    ).is_file():
         from transformers import ByT5Tokenizer
 
         tokenizer_2_cls = ByT5Tokenizer  # the tiny model's byte-level tokenizer
@@ -115,7 +119,8 @@ def clip_tokenizer_offline(model_max_length: int = 77) -> Any:
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
@@ -138,7 +143,7 @@ def tiny_flux_kontext_components(seed: int = 0, *, fitted_vae: bool = True) -> d
             (``psr/models/assets/tiny_vae.safetensors``, made by ``scripts/fit_tiny_vae.py``). A
             random decoder's output hardly depends on its input, so nothing learns through it.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -54,7 +54,9 @@ def add_lora(
     names = {n for n, _ in transformer.named_modules()}
     matched = [t for t in targets if any(n.endswith(t) for n in names)]
     if not matched:
-        raise ValueError(f"model.lora.targets={list(targets)} match no module of {type(transformer).__name__}")
+        raise ValueError(
+            f"model.lora.targets={list(targets)} match no module of {type(transformer).__name__}"
+        )
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,

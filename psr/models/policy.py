@@ -101,6 +101,14 @@ class FlowPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def train(self, mode: bool = True) -> FlowPolicy:
+        """Train mode for the transformer only: the frozen text encoders and VAE stay in eval mode
+        (T5's dropout would otherwise change cached prompt embeddings between runs)."""
+        super().train(mode)
+        for m in (self.vae, self.text_encoder, self.text_encoder_2):
+            m.eval()
+        return self
+
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,12 +118,20 @@ class FlowPolicy(nn.Module):
             return self._prompt_cache[prompt]
         device = self.device
         clip_ids = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            [prompt],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
-        pooled = self.text_encoder(clip_ids.to(self.text_encoder.device), output_hidden_states=False).pooler_output
+        pooled = self.text_encoder(
+            clip_ids.to(self.text_encoder.device), output_hidden_states=False
+        ).pooler_output
         t5_ids = self.tokenizer_2(
-            [prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            [prompt],
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         embeds = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
@@ -135,10 +151,14 @@ class FlowPolicy(nn.Module):
         if image.dim() == 3:
             image = image[None]
         if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"expected an RGB image [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}")
+            raise ValueError(
+                f"expected an RGB image [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}"
+            )
         image = image.to(device=self.device, dtype=torch.float32)
         if tuple(image.shape[-2:]) != (height, width):
-            image = F.interpolate(image, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+            image = F.interpolate(
+                image, size=(height, width), mode="bicubic", antialias=True, align_corners=False
+            )
         return (image.clamp(0, 1) * 2 - 1).to(self.vae.dtype)
 
     @torch.no_grad()
@@ -163,7 +183,9 @@ class FlowPolicy(nn.Module):
         return fit_to_area(int(ref.shape[-2]), int(ref.shape[-1]), area, self.multiple)
 
     @torch.no_grad()
-    def encode_references(self, references: Sequence[Tensor], height: int, width: int) -> tuple[Tensor, Tensor]:
+    def encode_references(
+        self, references: Sequence[Tensor], height: int, width: int
+    ) -> tuple[Tensor, Tensor]:
         """Clean reference tokens ``[1, R, C]`` and their ids ``[R, 3]`` for a ``height x width`` target.
 
         References of equal encoded size go through the VAE in one batch.
@@ -182,12 +204,16 @@ class FlowPolicy(nn.Module):
         ref_tokens = torch.cat(tokens, dim=1) if tokens else torch.zeros(1, 0, channels)  # type: ignore[arg-type]
         grids = [(h // self.multiple, w // self.multiple) for h, w in sizes]
         ids = reference_ids(self.token_grid(height, width), grids, self.position_scheme)
-        return ref_tokens.to(device=self.device, dtype=self.dtype), ids.to(device=self.device, dtype=self.dtype)
+        return ref_tokens.to(device=self.device, dtype=self.dtype), ids.to(
+            device=self.device, dtype=self.dtype
+        )
 
     def condition(self, prompt: str, references: Sequence[Tensor], height: int, width: int) -> Conditioning:
         """Everything needed to denoise a ``height x width`` target for one prompt group."""
         if height % self.multiple or width % self.multiple:
-            raise ValueError(f"target size {height}x{width} must be a multiple of {self.multiple} (data.resolution)")
+            raise ValueError(
+                f"target size {height}x{width} must be a multiple of {self.multiple} (data.resolution)"
+            )
         embeds, pooled, text_ids = self.encode_prompt(prompt)
         ref_tokens, ref_ids = self.encode_references(references, height, width)
         h, w = self.token_grid(height, width)

@@ -31,7 +31,9 @@ def grid_ids(height: int, width: int, *, index: int = 0, row_offset: int = 0, co
     return ids.reshape(height * width, 3)
 
 
-def reference_ids(target_hw: tuple[int, int], reference_hws: list[tuple[int, int]], scheme: str = "framewise") -> Tensor:
+def reference_ids(
+    target_hw: tuple[int, int], reference_hws: list[tuple[int, int]], scheme: str = "framewise"
+) -> Tensor:
     """Ids of all reference tokens, concatenated in reference order.
 
     Args:
@@ -43,7 +45,9 @@ def reference_ids(target_hw: tuple[int, int], reference_hws: list[tuple[int, int
         ``[sum_k h_k * w_k, 3]`` float32.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown position scheme {scheme!r} (model.position_scheme); expected one of {SCHEMES}")
+        raise ValueError(
+            f"unknown position scheme {scheme!r} (model.position_scheme); expected one of {SCHEMES}"
+        )
     parts = []
     row_off, col_off = target_hw
     for k, (h, w) in enumerate(reference_hws, start=1):

@@ -39,19 +39,27 @@ def sde_steps(num_steps: int, window: tuple[int, int] | None, kind: str) -> Tens
         return mask
     start, end = window if window is not None else (0, num_steps)
     if not 0 <= start < end <= num_steps:
-        raise ValueError(f"sampler.sde_window={window} must satisfy 0 <= start < end <= num_steps={num_steps}")
+        raise ValueError(
+            f"sampler.sde_window={window} must satisfy 0 <= start < end <= num_steps={num_steps}"
+        )
     mask[start:end] = True
     return mask
 
 
 def initial_noise(
-    policy: FlowPolicy, cond: Conditioning, batch: int, generator: torch.Generator | None, same_noise: bool = False
+    policy: FlowPolicy,
+    cond: Conditioning,
+    batch: int,
+    generator: torch.Generator | None,
+    same_noise: bool = False,
 ) -> Tensor:
     """Packed ``[B, N, C]`` fp32 noise drawn in the unpacked ``[B, C/4, 2h, 2w]`` layout, as diffusers does."""
     h, w = policy.token_grid(cond.height, cond.width)
     channels = policy.transformer.config.in_channels // 4
     n = 1 if same_noise else batch
-    noise = torch.randn(n, channels, 2 * h, 2 * w, generator=generator, device=policy.device, dtype=torch.float32)
+    noise = torch.randn(
+        n, channels, 2 * h, 2 * w, generator=generator, device=policy.device, dtype=torch.float32
+    )
     return pack_latents(noise).expand(batch, -1, -1).contiguous()
 
 
@@ -98,7 +106,13 @@ def rollout(
         v = policy.velocity(x, sigmas[k], cond)
         if mask[k]:
             step = sde.sde_step(
-                x, v, sigmas[k], sigmas[k + 1], kind=kind, noise_level=noise_level, sigma_1=sigmas[1],
+                x,
+                v,
+                sigmas[k],
+                sigmas[k + 1],
+                kind=kind,
+                noise_level=noise_level,
+                sigma_1=sigmas[1],
                 generator=generator,
             )
             x, log_probs[:, k] = step.prev_sample, step.log_prob
@@ -119,7 +133,9 @@ def rollout(
     )
 
 
-def step_log_prob(policy: FlowPolicy, traj: Trajectory, step: int, index: Tensor | slice | None = None) -> sde.SDEStep:
+def step_log_prob(
+    policy: FlowPolicy, traj: Trajectory, step: int, index: Tensor | slice | None = None
+) -> sde.SDEStep:
     """Recompute ``log p(x_{k+1} | x_k)`` of stored samples under the current policy, with gradients.
 
     Args:
@@ -137,5 +153,12 @@ def step_log_prob(policy: FlowPolicy, traj: Trajectory, step: int, index: Tensor
     sigma, sigma_next = traj.sigmas[step], traj.sigmas[step + 1]
     v = policy.velocity(x, sigma, traj.cond)
     return sde.sde_step(
-        x, v, sigma, sigma_next, kind=traj.kind, noise_level=traj.noise_level, sigma_1=traj.sigmas[1], prev_sample=x_next
+        x,
+        v,
+        sigma,
+        sigma_next,
+        kind=traj.kind,
+        noise_level=traj.noise_level,
+        sigma_1=traj.sigmas[1],
+        prev_sample=x_next,
     )

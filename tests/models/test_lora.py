@@ -1,6 +1,6 @@
 import torch
 
-from psr.models.lora import add_lora, export_diffusers_lora, lora_state_dict, load_lora_state_dict
+from psr.models.lora import add_lora, export_diffusers_lora, load_lora_state_dict, lora_state_dict
 
 H = W = 64
 
@@ -17,7 +17,9 @@ def test_lora_trains_only_adapters_and_disabled_is_base(tiny_policy):
     x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
     base = tiny_policy.velocity(x, 0.5, cond).detach()
     params = add_lora(tiny_policy.transformer, rank=4, alpha=8)
-    assert params and all("lora_" in n for n, p in tiny_policy.transformer.named_parameters() if p.requires_grad)
+    assert params and all(
+        "lora_" in n for n, p in tiny_policy.transformer.named_parameters() if p.requires_grad
+    )
     assert tiny_policy.trainable_parameters() == params
     torch.testing.assert_close(tiny_policy.velocity(x, 0.5, cond), base)  # B = 0 at init
     _perturb(params)
@@ -39,7 +41,9 @@ def test_lora_state_round_trip(tiny_policy):
     load_lora_state_dict(other.transformer, state)
     cond = tiny_policy.condition("a cat", [], H, W)
     x = torch.randn(1, 16, 16)
-    torch.testing.assert_close(other.velocity(x, 0.3, other.condition("a cat", [], H, W)), tiny_policy.velocity(x, 0.3, cond))
+    torch.testing.assert_close(
+        other.velocity(x, 0.3, other.condition("a cat", [], H, W)), tiny_policy.velocity(x, 0.3, cond)
+    )
 
 
 def test_export_loads_in_flux_kontext_pipeline(tiny_policy, tiny_components, tmp_path):
@@ -57,8 +61,13 @@ def test_export_loads_in_flux_kontext_pipeline(tiny_policy, tiny_components, tmp
     x = torch.randn(1, 16, 16)
     ours = tiny_policy.velocity(x, 0.4, cond)
     theirs = pipe.transformer(
-        hidden_states=x, timestep=torch.tensor([0.4]), guidance=torch.tensor([2.5]),
-        pooled_projections=cond.pooled_prompt_embeds, encoder_hidden_states=cond.prompt_embeds,
-        txt_ids=cond.text_ids, img_ids=cond.img_ids, return_dict=False,
+        hidden_states=x,
+        timestep=torch.tensor([0.4]),
+        guidance=torch.tensor([2.5]),
+        pooled_projections=cond.pooled_prompt_embeds,
+        encoder_hidden_states=cond.prompt_embeds,
+        txt_ids=cond.text_ids,
+        img_ids=cond.img_ids,
+        return_dict=False,
     )[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -32,8 +32,17 @@ def test_ode_rollout_equals_flux_kontext_pipeline(tiny_components):
     ours = rollout(policy, cond, 1, num_steps=4, kind="ode", latents=x0).images
     pipe = FluxKontextPipeline(**tiny_components)
     theirs = pipe(
-        image=ref[None], prompt=PROMPT, height=H, width=W, num_inference_steps=4, guidance_scale=2.5,
-        latents=x0.clone(), max_area=H * W, _auto_resize=False, output_type="pt", max_sequence_length=32,
+        image=ref[None],
+        prompt=PROMPT,
+        height=H,
+        width=W,
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        latents=x0.clone(),
+        max_area=H * W,
+        _auto_resize=False,
+        output_type="pt",
+        max_sequence_length=32,
     ).images
     assert ours.shape == theirs.shape == (1, 3, H, W)
     torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
@@ -49,8 +58,14 @@ def test_ode_rollout_without_reference_equals_flux_pipeline(tiny_components):
     ours = rollout(policy, cond, 2, num_steps=3, kind="ode", latents=x0).images
     pipe = FluxPipeline(**tiny_components)
     theirs = pipe(
-        prompt=[PROMPT] * 2, height=H, width=W, num_inference_steps=3, guidance_scale=2.5, latents=x0.clone(),
-        output_type="pt", max_sequence_length=32,
+        prompt=[PROMPT] * 2,
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        latents=x0.clone(),
+        output_type="pt",
+        max_sequence_length=32,
     ).images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
 
@@ -65,10 +80,18 @@ def test_builder_loads_saved_checkpoint_like_a_user(tiny_checkpoint):
 
 
 def test_builder_dtype_option(tiny_checkpoint):
-    policy = flux_kontext(tiny_checkpoint, dtype="bfloat16", text_encoder_dtype="float32", max_sequence_length=32)
+    policy = flux_kontext(
+        tiny_checkpoint, dtype="bfloat16", text_encoder_dtype="float32", max_sequence_length=32
+    )
     assert policy.dtype == torch.bfloat16
     assert policy.text_encoder.dtype == torch.float32
-    traj = rollout(policy, policy.condition(PROMPT, [_ref(1)], H, W), 2, num_steps=2, generator=torch.Generator().manual_seed(0))
+    traj = rollout(
+        policy,
+        policy.condition(PROMPT, [_ref(1)], H, W),
+        2,
+        num_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert traj.log_probs.dtype == torch.float32 and torch.isfinite(traj.log_probs).all()
 
 
@@ -116,7 +139,9 @@ def test_references_of_other_sizes_are_resized_by_the_area_rule(tiny_policy):
 def test_prompt_embeddings_are_cached(tiny_policy, monkeypatch):
     calls = []
     forward = tiny_policy.text_encoder_2.forward
-    monkeypatch.setattr(tiny_policy.text_encoder_2, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.setattr(
+        tiny_policy.text_encoder_2, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
     tiny_policy.encode_prompt("x")
     tiny_policy.encode_prompt("x")
     assert len(calls) == 1

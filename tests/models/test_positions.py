@@ -55,7 +55,12 @@ def test_unknown_scheme_names_config_key():
 
 @pytest.mark.parametrize(
     ("h", "w", "area", "expected"),
-    [(64, 64, 64 * 64, (64, 64)), (100, 50, 64 * 64, (80, 32)), (512, 1024, 128 * 128, (80, 176)), (10, 10, 16, (16, 16))],
+    [
+        (64, 64, 64 * 64, (64, 64)),
+        (100, 50, 64 * 64, (80, 32)),
+        (512, 1024, 128 * 128, (80, 176)),
+        (10, 10, 16, (16, 16)),
+    ],
 )
 def test_fit_to_area_rule(h, w, area, expected):
     got = fit_to_area(h, w, area, 16)
