@@ -1,0 +1,459 @@
+"""Tiny random-weight versions of every reward backbone, built from configs in code (CPU, < 1 s each).
+
+They run the same code paths as the real models (preprocessing, tokenization, batching, matching)
+so tests, benchmarks and the tiny quickstart need no weights. Scores from random weights carry no
+meaning beyond "the pipeline runs and is deterministic". Tokenizers need no download either: a
+BERT WordPiece vocabulary made here (with BERT's ids for [CLS], [SEP], "." and "?", which Grounding
+DINO relies on) and the real CLIP BPE that ships inside the open_clip wheel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import string
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rewards.detectors import GroundingDinoDetector, Owlv2Detector
+from rewards.embedders import HFImageEmbedder
+from rewards.imaging import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from rewards.subject_consistency import SubjectConsistencyReward
+
+__all__ = [
+    "bert_vocab",
+    "tiny_bert_tokenizer",
+    "clip_tokenizer",
+    "tiny_grounding_dino",
+    "tiny_owlv2",
+    "tiny_dino",
+    "tiny_dinov2",
+    "tiny_clip_image",
+    "tiny_psr",
+    "tiny_open_clip",
+    "tiny_clip_t",
+    "tiny_hps",
+    "tiny_pickscore",
+    "tiny_imagereward_checkpoint",
+    "tiny_imagereward",
+    "tiny_spatial",
+]
+
+# BERT's ids for the tokens Grounding DINO hard-codes as separators
+_BERT_SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "to",
+    "on",
+    "in",
+    "at",
+    "and",
+    "with",
+    "is",
+    "are",
+    "left",
+    "right",
+    "above",
+    "below",
+    "under",
+    "next",
+    "beside",
+    "dog",
+    "cat",
+    "corgi",
+    "square",
+    "disc",
+    "triangle",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "table",
+    "side",
+    "by",
+    "photo",
+    "person",
+    "mug",
+    "hat",
+    "chef",
+    "scarf",
+    "bear",
+    "toy",
+    "cup",
+    "book",
+]
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Build under a fixed seed without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@lru_cache(maxsize=1)
+def bert_vocab() -> dict[str, int]:
+    """A WordPiece vocabulary (~1,200 entries) with BERT's special-token ids, every lower-case letter
+    and digit (so any word tokenizes, letter by letter at worst), punctuation, and a few words."""
+    tokens: dict[int, str] = {i: tok for tok, i in _BERT_SPECIAL.items()}
+    pieces = (
+        list(_WORDS)
+        + list(string.ascii_lowercase + string.digits)
+        + ["##" + c for c in string.ascii_lowercase + string.digits]
+    )
+    pieces += [c for c in string.punctuation if c not in ".?"]
+    free = (i for i in range(1, 2000) if i not in tokens)
+    for piece in pieces:
+        tokens[next(free)] = piece
+    size = max(tokens) + 1
+    return {tokens.get(i, f"[unused{i}]"): i for i in range(size)}
+
+
+def tiny_bert_tokenizer() -> Any:
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab=dict(bert_vocab()), do_lower_case=True)
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The CLIP BPE vocabulary and merges, read from the file the open_clip wheel ships (the same
+    construction as open_clip's ``SimpleTokenizer``)."""
+    from importlib.resources import files
+
+    from open_clip.tokenizer import bytes_to_unicode
+
+    raw = gzip.decompress((files("open_clip") / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode("utf-8")
+    merges = [tuple(line.split()) for line in raw.split("\n")[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {v: i for i, v in enumerate(vocab)}, merges  # type: ignore[return-value]
+
+
+def clip_tokenizer(model_max_length: int = 77) -> Any:
+    """transformers ``CLIPTokenizer`` with the real CLIP BPE (same ids as open_clip's tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- detectors
+
+
+def tiny_grounding_dino(
+    seed: int = 0,
+    *,
+    box_threshold: float = 0.35,
+    text_threshold: float = 0.25,
+    size: int = 256,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> GroundingDinoDetector:
+    """Grounding DINO with a 4-stage Swin of width 16, a 1-layer BERT, 20 queries (inputs >= 256 px)."""
+    from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+
+    backbone = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],  # type: ignore[call-arg]  # accepted by SwinConfig's kwargs
+    )
+    text = BertConfig(
+        vocab_size=len(bert_vocab()),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    cfg = GroundingDinoConfig(
+        backbone_config=backbone,
+        text_config=text,
+        num_queries=20,
+        encoder_layers=1,
+        decoder_layers=2,
+        d_model=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        max_text_len=32,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
+    with _seeded(seed):
+        model = GroundingDinoForObjectDetection(cfg)
+    return GroundingDinoDetector(
+        model,
+        tiny_bert_tokenizer(),
+        box_threshold=box_threshold,
+        text_threshold=text_threshold,
+        size=size,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def tiny_owlv2(
+    seed: int = 0, *, threshold: float = 0.1, device: str = "cpu", dtype: str = "float32"
+) -> Owlv2Detector:
+    """OWLv2 with 1-layer towers of width 32 at 64 px (16 patches), the real CLIP BPE tokenizer."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    cfg = Owlv2Config(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+        projection_dim=32,
+    )
+    with _seeded(seed):
+        model = Owlv2ForObjectDetection(cfg)
+    return Owlv2Detector(model, clip_tokenizer(16), threshold=threshold, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- embedders
+
+
+def tiny_dino(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> HFImageEmbedder:
+    """A ViT in DINO's layout (patch 8, width 32, 1 layer), PSRBench-style transform at 40 -> 32 px."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
+    with _seeded(seed):
+        model = ViTModel(cfg, add_pooling_layer=False)
+    return HFImageEmbedder(
+        model, ImageTransform(40, 32, IMAGENET_MEAN, IMAGENET_STD), device=device, dtype=dtype
+    )
+
+
+def tiny_dinov2(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> HFImageEmbedder:
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8, mlp_ratio=2
+    )
+    with _seeded(seed):
+        model = Dinov2Model(cfg)
+    return HFImageEmbedder(
+        model, ImageTransform(40, 32, IMAGENET_MEAN, IMAGENET_STD), device=device, dtype=dtype
+    )
+
+
+def tiny_clip_image(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> HFImageEmbedder:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    with _seeded(seed):
+        model = CLIPVisionModelWithProjection(cfg)
+    return HFImageEmbedder(
+        model, ImageTransform(32, 32, CLIP_MEAN, CLIP_STD), output="image_embeds", device=device, dtype=dtype
+    )
+
+
+_DETECTORS = {"grounding_dino": tiny_grounding_dino, "owlv2": tiny_owlv2}
+_EMBEDDERS = {"dino": tiny_dino, "dinov2": tiny_dinov2, "clip": tiny_clip_image}
+
+
+def _pick(table: dict[str, Any], kind: str, what: str) -> Any:
+    if kind not in table:
+        raise ValueError(f"{what}={kind!r}; expected one of {sorted(table)}")
+    return table[kind]
+
+
+def tiny_psr(
+    seed: int = 0,
+    *,
+    detector: str = "grounding_dino",
+    embedder: str = "dino",
+    box_threshold: float = 0.35,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **reward_kwargs: Any,
+) -> SubjectConsistencyReward:
+    """The PSR reward on tiny random backbones (``detector``: grounding_dino | owlv2; ``embedder``:
+    dino | dinov2 | clip); other keyword arguments go to :class:`SubjectConsistencyReward`."""
+    if detector == "grounding_dino":
+        det: Any = tiny_grounding_dino(seed, box_threshold=box_threshold, device=device, dtype=dtype)
+    else:
+        det = _pick(_DETECTORS, detector, "detector")(seed, device=device, dtype=dtype)
+    emb = _pick(_EMBEDDERS, embedder, "embedder")(seed, device=device, dtype=dtype)
+    return SubjectConsistencyReward(det, emb, **reward_kwargs)
+
+
+def tiny_spatial(seed: int = 0, *, device: str = "cpu", dtype: str = "float32", **reward_kwargs: Any) -> Any:
+    from rewards.spatial import SpatialReward
+
+    return SpatialReward(tiny_grounding_dino(seed, device=device, dtype=dtype), **reward_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- text-image rewards
+
+
+def tiny_open_clip(seed: int = 0) -> tuple[Any, Any]:
+    """An open_clip ``CLIP`` (1-layer towers of width 32, 32 px) and the real CLIP BPE tokenizer."""
+    import open_clip
+
+    with _seeded(seed):
+        model = open_clip.CLIP(
+            embed_dim=16,
+            vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        )
+    return model, open_clip.get_tokenizer("ViT-B-32")
+
+
+def tiny_clip_t(seed: int = 0, *, scale: float = 1.0, device: str = "cpu", dtype: str = "float32") -> Any:
+    from rewards.text_alignment import ClipTextAlignment
+
+    model, tokenizer = tiny_open_clip(seed)
+    return ClipTextAlignment(model, tokenizer, scale=scale, device=device, dtype=dtype)
+
+
+def tiny_hps(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    from rewards.preference import HPSv2
+
+    model, tokenizer = tiny_open_clip(seed)
+    return HPSv2(model, tokenizer, device=device, dtype=dtype)
+
+
+def tiny_pickscore(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    from transformers import CLIPConfig, CLIPModel
+
+    from rewards.preference import PickScore
+
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    with _seeded(seed):
+        model = CLIPModel(cfg)
+    return PickScore(model, clip_tokenizer(77), device=device, dtype=dtype)
+
+
+def tiny_imagereward_checkpoint(
+    seed: int = 0, *, vision_width: int = 128, text_width: int = 64, layers: int = 1
+) -> dict[str, Tensor]:
+    """A random state dict in the published ``ImageReward.pt`` layout (timm ViT + BLIP med BERT + MLP
+    head, with the unused contrastive projections), tiny: 32 px images of 8 px patches, vision heads
+    of width 64 (as BLIP's), the :func:`bert_vocab` vocabulary + [DEC] and [ENC]."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 0.05) -> Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(prefix: str, width: int) -> dict[str, Tensor]:
+        return {f"{prefix}.weight": 1 + rnd(width), f"{prefix}.bias": rnd(width)}
+
+    def linear(prefix: str, out_f: int, in_f: int) -> dict[str, Tensor]:
+        return {f"{prefix}.weight": rnd(out_f, in_f, scale=in_f**-0.5), f"{prefix}.bias": rnd(out_f)}
+
+    dv, dt, patch, grid, vocab = vision_width, text_width, 8, 4, len(bert_vocab()) + 2
+    sd: dict[str, Tensor] = {}
+    v = "blip.visual_encoder"
+    sd[f"{v}.cls_token"] = rnd(1, 1, dv)
+    sd[f"{v}.pos_embed"] = rnd(1, grid * grid + 1, dv)
+    sd |= linear(f"{v}.patch_embed.proj", dv, 3 * patch * patch)
+    sd[f"{v}.patch_embed.proj.weight"] = sd[f"{v}.patch_embed.proj.weight"].reshape(dv, 3, patch, patch)
+    for i in range(layers):
+        b = f"{v}.blocks.{i}"
+        sd |= norm(f"{b}.norm1", dv) | linear(f"{b}.attn.qkv", 3 * dv, dv) | linear(f"{b}.attn.proj", dv, dv)
+        sd |= norm(f"{b}.norm2", dv) | linear(f"{b}.mlp.fc1", 4 * dv, dv) | linear(f"{b}.mlp.fc2", dv, 4 * dv)
+    sd |= norm(f"{v}.norm", dv)
+    t = "blip.text_encoder"
+    sd[f"{t}.embeddings.word_embeddings.weight"] = rnd(vocab, dt, scale=0.5)
+    sd[f"{t}.embeddings.position_embeddings.weight"] = rnd(40, dt, scale=0.5)
+    sd[f"{t}.embeddings.position_ids"] = torch.arange(40)[None]
+    sd |= norm(f"{t}.embeddings.LayerNorm", dt)
+    for i in range(layers):
+        b = f"{t}.encoder.layer.{i}"
+        for att, kv_width in (("attention", dt), ("crossattention", dv)):
+            sd |= linear(f"{b}.{att}.self.query", dt, dt) | linear(f"{b}.{att}.self.key", dt, kv_width)
+            sd |= linear(f"{b}.{att}.self.value", dt, kv_width) | linear(f"{b}.{att}.output.dense", dt, dt)
+            sd |= norm(f"{b}.{att}.output.LayerNorm", dt)
+        sd |= (
+            linear(f"{b}.intermediate.dense", 2 * dt, dt)
+            | linear(f"{b}.output.dense", dt, 2 * dt)
+            | norm(f"{b}.output.LayerNorm", dt)
+        )
+    sd |= linear("blip.vision_proj", 16, dv) | linear("blip.text_proj", 16, dt)
+    for idx, (o, i) in zip(
+        (0, 2, 4, 6, 7), ((1024, dt), (128, 1024), (64, 128), (16, 64), (1, 16)), strict=True
+    ):
+        sd |= linear(f"mlp.layers.{idx}", o, i)
+    return sd
+
+
+TINY_MED_CONFIG = {"num_attention_heads": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0}
+
+
+def tiny_imagereward(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    """ImageReward on :func:`tiny_imagereward_checkpoint`, loaded through the published-key mapping."""
+    from rewards.preference import (
+        ImageReward,
+        ImageRewardModel,
+        blip_tokenizer,
+        imagereward_configs,
+        imagereward_state_dict,
+    )
+
+    state = tiny_imagereward_checkpoint(seed)
+    model = ImageRewardModel(*imagereward_configs(state, TINY_MED_CONFIG))
+    model.load_state_dict(imagereward_state_dict(state), strict=True)
+    return ImageReward(model, blip_tokenizer(tiny_bert_tokenizer()), device=device, dtype=dtype)
