@@ -1,0 +1,222 @@
+"""Checkpoints: exact resume, weights_only loading, atomic publish, pruning, resume resolution,
+preemption signals."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from psr import checkpoint as ckpt
+from psr.engine import TorchEngine
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _engine() -> TorchEngine:
+    model = _model()
+    engine = TorchEngine(ema_decay=0.9)
+    engine.setup(
+        model,
+        list(model.parameters()),
+        lr=1e-2,
+        weight_decay=0.01,
+        schedule="cosine",
+        warmup_steps=2,
+        total_steps=10,
+        grad_clip=1.0,
+    )
+    return engine
+
+
+def _step(engine: TorchEngine) -> float:
+    """One step on a batch drawn from all three RNGs, so a resume is exact only if each is restored."""
+    n = 4 + random.randrange(3)
+    x = torch.randn(n, 4) + float(np.random.randn())
+    loss = engine.unwrap()(x).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def _save(engine: TorchEngine, root: Path, step: int, **kw) -> Path:
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        trainable=engine.trainable_state_dict(),
+        training_state={"engine": engine.state_dict(), "step": step},
+        data_state={"position": step * 4, "order": torch.arange(5)},
+        **kw,
+    )
+
+
+def _seed(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    _seed(1)
+    engine = _engine()
+    for _ in range(2):
+        _step(engine)
+    path = _save(engine, tmp_path, 2)
+    expected = [_step(engine) for _ in range(3)]
+
+    _seed(12345)  # a fresh process: other seeds, other weights
+    resumed = _engine()
+    with torch.no_grad():
+        for p in resumed.unwrap().parameters():
+            p.mul_(-1.0)
+    state = ckpt.load_checkpoint(ckpt.resolve_resume("auto", tmp_path))
+    assert state["path"] == path and state["step"] == 2
+    resumed.load_trainable_state_dict(state["trainable"])
+    resumed.load_state_dict(state["training_state"]["engine"])
+    ckpt.restore_rng(state["rng"])
+    assert [_step(resumed) for _ in range(3)] == expected  # bit-identical
+    assert state["data_state"]["position"] == 8 and torch.equal(state["data_state"]["order"], torch.arange(5))
+
+
+def test_every_file_loads_with_weights_only(tmp_path: Path) -> None:
+    engine = _engine()
+    _step(engine)
+    path = _save(engine, tmp_path, 1)
+    for pt in path.rglob("*.pt"):
+        torch.load(pt, map_location="cpu", weights_only=True)
+    rng = torch.load(path / "rng" / "rank_00000.pt", weights_only=True)
+    assert isinstance(rng["torch_cpu"], torch.Tensor) and rng["python_state"].shape == (625,)
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path / ckpt.WEIGHTS))) == {n for n, _ in engine.unwrap().named_parameters()}
+
+
+def test_rng_round_trip_restores_python_numpy_torch() -> None:
+    _seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    np.random.randn()
+    state = ckpt.rng_state()
+    expected = (random.random(), random.gauss(0, 1), float(np.random.randn()), torch.rand(3))
+    _seed(99)
+    ckpt.restore_rng(state)
+    got = (random.random(), random.gauss(0, 1), float(np.random.randn()), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_incomplete_and_temp_dirs_are_ignored(tmp_path: Path) -> None:
+    engine = _engine()
+    _save(engine, tmp_path, 5)
+    (tmp_path / "step_00000007").mkdir()  # killed before COMPLETE
+    (tmp_path / ".tmp-step_00000009").mkdir()
+    (tmp_path / ".tmp-step_00000009" / ckpt.COMPLETE).write_text("9")  # killed before the rename
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000005"
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / "step_00000005"]
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        ckpt.load_checkpoint(tmp_path / "step_00000007")
+
+
+def test_a_save_that_dies_midway_publishes_nothing(tmp_path: Path) -> None:
+    engine = _engine()
+    _save(engine, tmp_path, 1)
+
+    def broken_writer(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _save(engine, tmp_path, 2, extra_files={"lora/weights.bin": broken_writer})
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert (tmp_path / ".tmp-step_00000002").exists()
+    _save(engine, tmp_path, 3)  # the next save clears the leftovers
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keep_last_and_extra_files(tmp_path: Path) -> None:
+    engine = _engine()
+    for step in range(1, 6):
+        _save(
+            engine,
+            tmp_path,
+            step,
+            keep_last=2,
+            extra_files={"lora/readme.txt": lambda p: p.write_text("lora")},
+        )
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+    assert (tmp_path / "step_00000005" / "lora" / "readme.txt").read_text() == "lora"
+    assert "lora/readme.txt" in ckpt.load_checkpoint(tmp_path / "step_00000005")["meta"]["files"]
+    with pytest.raises(ValueError, match="extra_files"):
+        _save(engine, tmp_path, 6, extra_files={"../escape": lambda p: None})
+    with pytest.raises(ValueError, match="keep_last"):
+        _save(engine, tmp_path, 6, keep_last=0)
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
+    engine = _engine()
+    _save(engine, tmp_path, 4)
+    _step(engine)
+    _save(engine, tmp_path, 4)
+    saved = ckpt.load_checkpoint(tmp_path / "step_00000004")["trainable"]
+    for name, tensor in engine.trainable_state_dict().items():
+        assert torch.equal(saved[name], tensor)
+    assert not list(tmp_path.glob(".old-*"))
+
+
+def test_resolve_resume(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    assert ckpt.resolve_resume("auto", root) is None  # first run: nothing yet
+    assert ckpt.resolve_resume(None, root) is None and ckpt.resolve_resume("null", root) is None
+    engine = _engine()
+    first, second = _save(engine, root, 1), _save(engine, root, 2)
+    assert ckpt.resolve_resume("auto", root) == second
+    assert ckpt.resolve_resume(str(first), tmp_path / "elsewhere") == first
+    assert ckpt.resolve_resume(str(root), tmp_path / "elsewhere") == second  # a root: its newest
+    with pytest.raises(FileNotFoundError, match="resume="):
+        ckpt.resolve_resume(str(tmp_path / "nope"), root)
+
+
+def test_multi_rank_save_needs_a_barrier(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="barrier"):
+        ckpt.save_checkpoint(tmp_path, 1, trainable={}, training_state={}, world_size=2)
+
+
+def test_sigusr1_sets_the_flag_and_handlers_are_restored() -> None:
+    previous = signal.getsignal(signal.SIGUSR1)
+    with ckpt.PreemptionHandler() as handler:
+        assert not handler.triggered and not handler.poll(lambda v: v)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.triggered and handler.signal_name == "SIGUSR1"
+        assert handler.poll(lambda v: v)
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
+def test_poll_agrees_when_only_a_peer_was_signalled() -> None:
+    with ckpt.PreemptionHandler(install=False) as handler:
+        assert handler.poll(lambda v: max(v, 1.0))  # what all_reduce_max returns when another rank got it
+        assert handler.triggered and handler.signal_name == "peer signal"
+
+
+def test_exit_requeues_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "calls"
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    handler = ckpt.PreemptionHandler(requeue=True, install=False)
+    handler.exit("stopping", rank=1)  # only rank 0 requeues
+    assert not log.exists()
+    handler.exit("stopping", rank=0)
+    assert log.read_text().split() == ["requeue", "4242"]
+    fake.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
+    with pytest.raises(RuntimeError, match="--requeue"):
+        handler.exit("stopping", rank=0)
