@@ -1,0 +1,259 @@
+r"""Rewards to per-sample advantages for group-relative RL (PSR_METHOD.md §4).
+
+Pure functions:
+
+- :func:`combine_rewards`: ``R_i = sum_j w_j r_ij`` over reward components (PSR: 0.4 R_PSR +
+  0.4 R_semantic + 0.2 R_HPSv3), optionally z-scoring each component within its prompt group first
+  so that rewards of different scales (a 0-10 VLM score next to a cosine similarity) weigh as
+  their weights say. A NaN component means "does not apply to this sample" (the reward protocol of
+  ``rewards.base``): it contributes nothing and the weights of the components that do apply are
+  rescaled to the full weight total, per sample.
+- :func:`group_advantages`: ``A_i = (R_i - mean_g R) / (std + eps)``, the std taken within the
+  group g (default) or over the whole batch (``global_std``, Flow-GRPO's FLUX Kontext setting),
+  then clipped to ``[-clip, clip]``.
+
+**Std convention.** Population std (``unbiased=False``, divide by n), as Flow-GRPO's
+``PerPromptStatTracker`` (``np.std``, ddof 0, ``+ 1e-4``); with G = 6 the unbiased std would be
+``sqrt(6/5)`` times larger and every advantage ``sqrt(5/6)`` times smaller.
+
+**Zero-variance groups** (all G rewards equal up to ``zero_var_tol``) rank nothing: their
+advantages are set to exactly 0 (not left to ``(R - mean) / eps``, which would amplify rounding
+noise by 1e4 in per-group mode) and they are counted in ``adv/zero_var_frac``. The mask of the
+samples in such groups is :func:`zero_variance_groups`; the GRPO objective skips samples with
+``A == 0``, which covers them (a sample of a varying group whose advantage is exactly 0 carries no
+policy gradient either).
+
+All statistics are computed in float64 (rewards from different models may be float16/32); results
+come back in the input's float dtype (float32 for integer inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["combine_rewards", "group_advantages", "zero_variance_groups"]
+
+
+def _check_batch(name: str, t: Tensor, batch: int | None = None) -> None:
+    if t.ndim != 1:
+        raise ValueError(f"advantages: {name} must be 1-D [B]; got shape {tuple(t.shape)}")
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"advantages: {name} has {t.shape[0]} entries, expected B={batch} (one per sample)")
+
+
+def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
+    """Map arbitrary group ids to ``0..G-1``; returns (inverse ``[B]`` long, G)."""
+    _check_batch("group_ids", group_ids)
+    if group_ids.is_floating_point() or group_ids.is_complex():
+        raise ValueError(f"advantages: group_ids must be an integer tensor; got {group_ids.dtype}")
+    if group_ids.numel() == 0:
+        raise ValueError("advantages: empty batch (group_ids has no entries)")
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(inverse.max()) + 1
+
+
+def _group_moments(values: Tensor, inverse: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group mean, population std and count over the non-NaN entries of ``values`` (float64 ``[B]``).
+
+    Two-pass (mean first, then squared deviations) for accuracy. Groups with no entry get mean and
+    std NaN and count 0.
+    """
+    present = ~torch.isnan(values)
+    w = present.to(values.dtype)
+    v = torch.where(present, values, torch.zeros_like(values))
+    count = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, w)
+    total = torch.zeros_like(count).index_add_(0, inverse, v)
+    mean = total / count  # NaN for empty groups (0 / 0)
+    dev2 = w * (v - torch.nan_to_num(mean)[inverse]) ** 2
+    var = torch.zeros_like(count).index_add_(0, inverse, dev2) / count
+    return mean, var.sqrt(), count
+
+
+def _out_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+def zero_variance_groups(rewards: Tensor, group_ids: Tensor, *, tol: float = 1e-6) -> Tensor:
+    """Which samples belong to a group whose rewards are all equal (population std <= ``tol``).
+
+    Args:
+        rewards: ``[B]`` finite rewards.
+        group_ids: ``[B]`` integer prompt-group ids (any values; equal id = same group).
+        tol: absolute std tolerance, >= 0.
+
+    Returns:
+        ``[B]`` bool, True for samples of zero-variance groups (a group of one sample included).
+    """
+    inverse, num_groups = _group_index(group_ids)
+    _check_batch("rewards", rewards, group_ids.shape[0])
+    _, std, _ = _group_moments(rewards.detach().to(torch.float64), inverse, num_groups)
+    return (std <= tol)[inverse]
+
+
+def combine_rewards(
+    components: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    group_ids: Tensor,
+    *,
+    normalize_per_reward: bool = False,
+    eps: float = 1e-4,
+    zero_var_tol: float = 1e-6,
+) -> Tensor:
+    """Weighted sum of reward components per sample, NaN-aware.
+
+    ``R_i = (W / W_i) sum_{j applies to i} w_j r_ij`` with ``W = sum_j w_j`` and ``W_i`` the sum of
+    the weights of the components that apply to sample i (non-NaN): when every component applies
+    this is ``sum_j w_j r_ij``; when one does not, the others are scaled up so the total weight
+    stays ``W``, keeping R on one scale across samples. A sample to which no weighted component
+    applies gets NaN.
+
+    With ``normalize_per_reward``, each component is first replaced by its within-group z-score
+    ``(r - mean_g) / (std_g + eps)`` (population std over the group's non-NaN entries); a component
+    that is constant within a group (std <= ``zero_var_tol``) contributes 0 there, since it ranks
+    nothing.
+
+    Args:
+        components: name -> ``[B]`` scores (higher is better, NaN where the reward does not apply).
+        weights: name -> weight >= 0; must name exactly the components (``reward.*.weight``).
+        group_ids: ``[B]`` integer prompt-group ids.
+        normalize_per_reward: z-score each component within its group before weighting
+            (``advantage.normalize_per_reward``).
+        eps: added to the group std in the z-score.
+        zero_var_tol: std at or below which a component counts as constant in a group.
+
+    Returns:
+        ``[B]`` combined reward, float32 (float64 if a component is float64).
+    """
+    if not components:
+        raise ValueError("combine_rewards: no reward components given")
+    missing = sorted(set(components) - set(weights))
+    extra = sorted(set(weights) - set(components))
+    if missing or extra:
+        raise ValueError(
+            f"combine_rewards: weights must name exactly the reward components {sorted(components)}; "
+            f"missing weights for {missing}, weights without a component: {extra} (check reward.*.weight)"
+        )
+    for name, w in weights.items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(
+                f"combine_rewards: weight of reward '{name}' is {w}; weights must be finite and >= 0"
+            )
+    total_weight = sum(float(w) for w in weights.values())
+    if total_weight <= 0:
+        raise ValueError(
+            f"combine_rewards: the reward weights {dict(weights)} sum to 0; give one a positive weight"
+        )
+    if eps < 0:
+        raise ValueError(f"combine_rewards: eps={eps} must be >= 0")
+
+    inverse, num_groups = _group_index(group_ids)
+    batch = group_ids.shape[0]
+    dtype = functools.reduce(torch.promote_types, (_out_dtype(c) for c in components.values()), torch.float32)
+    weighted_sum = torch.zeros(batch, dtype=torch.float64, device=group_ids.device)
+    applied_weight = torch.zeros_like(weighted_sum)
+    for name, comp in components.items():
+        _check_batch(f"reward component '{name}'", comp, batch)
+        r = comp.detach().to(device=group_ids.device, dtype=torch.float64)
+        if torch.isinf(r).any():
+            raise ValueError(
+                f"combine_rewards: reward component '{name}' has infinite values; use NaN for 'does not apply'"
+            )
+        applies = ~torch.isnan(r)
+        if normalize_per_reward:
+            mean, std, _ = _group_moments(r, inverse, num_groups)
+            z = (r - mean[inverse]) / (std[inverse] + eps)
+            # a constant component ranks nothing: exactly 0, not rounding noise / eps
+            z = torch.where(std[inverse] <= zero_var_tol, torch.zeros_like(z), z)
+            r = torch.where(applies, z, r)
+        w = float(weights[name])
+        weighted_sum += torch.where(applies, w * r, torch.zeros_like(r))
+        applied_weight += applies.to(torch.float64) * w
+    combined = weighted_sum * total_weight / applied_weight  # NaN (0/0) where nothing weighted applies
+    return combined.to(dtype)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    global_std: bool = False,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+    zero_var_tol: float = 1e-6,
+    global_rewards: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Group-normalized, clipped advantages.
+
+    ``A_i = clip((R_i - mean_g R) / (std + eps), -clip, clip)``, ``std`` the population std of the
+    group g (default) or of all rewards (``global_std``); samples of zero-variance groups get
+    exactly 0 (module docstring).
+
+    Args:
+        rewards: ``[B]`` finite combined rewards (this rank's samples; a group never straddles ranks).
+        group_ids: ``[B]`` integer prompt-group ids.
+        global_std: divide by the std over the whole batch instead of the group's
+            (``advantage.global_std``; Flow-GRPO's FLUX Kontext config uses it).
+        eps: added to the std (``advantage.eps``; Flow-GRPO 1e-4).
+        clip: ``A_max`` > 0 (``advantage.clip``; 5); ``math.inf`` disables clipping.
+        zero_var_tol: a group whose reward std is <= this is a zero-variance group.
+        global_rewards: with ``global_std``, the rewards of all ranks (``[B_total]``) whose std is
+            used; None uses ``rewards``. Ignored without ``global_std``.
+
+    Returns:
+        ``(advantages [B]`` in the rewards' float dtype, ``metrics)`` with float values:
+        ``adv/mean``, ``adv/std``, ``adv/min``, ``adv/max`` (after clipping), ``adv/clip_frac``
+        (fraction of samples clipped), ``adv/zero_var_frac`` (fraction of groups with zero
+        variance), ``adv/reward_std`` (the divisor's std: global, or the mean over valid groups).
+    """
+    inverse, num_groups = _group_index(group_ids)
+    _check_batch("rewards", rewards, group_ids.shape[0])
+    if not torch.isfinite(rewards).all():
+        bad = int((~torch.isfinite(rewards)).sum())
+        raise ValueError(
+            f"group_advantages: {bad} of {rewards.numel()} rewards are not finite; "
+            "resolve NaN ('does not apply') before computing advantages"
+        )
+    if eps < 0:
+        raise ValueError(f"group_advantages: eps={eps} must be >= 0 (advantage.eps)")
+    if not clip > 0:
+        raise ValueError(f"group_advantages: clip={clip} must be > 0 (advantage.clip)")
+    if not eps > 0 and not global_std and zero_var_tol <= 0:
+        raise ValueError("group_advantages: eps=0 with zero_var_tol=0 divides by zero for constant groups")
+
+    r = rewards.detach().to(torch.float64)
+    mean, std, _ = _group_moments(r, inverse, num_groups)
+    zero_var = std <= zero_var_tol  # [G]
+    if global_std:
+        pool = (
+            r if global_rewards is None else global_rewards.detach().to(device=r.device, dtype=torch.float64)
+        )
+        if pool.ndim != 1 or not torch.isfinite(pool).all():
+            raise ValueError(
+                "group_advantages: global_rewards must be a finite 1-D tensor of all ranks' rewards"
+            )
+        denom_std = pool.std(unbiased=False)
+        denom = denom_std + eps  # scalar
+        reward_std = float(denom_std)
+    else:
+        denom = (std + eps)[inverse]
+        valid_std = std[~zero_var]
+        reward_std = float(valid_std.mean()) if valid_std.numel() else 0.0
+    raw = (r - mean[inverse]) / denom
+    raw = torch.where(zero_var[inverse], torch.zeros_like(raw), raw)
+    adv = raw.clamp(-clip, clip)
+
+    metrics = {
+        "adv/mean": float(adv.mean()),
+        "adv/std": float(adv.std(unbiased=False)),
+        "adv/min": float(adv.min()),
+        "adv/max": float(adv.max()),
+        "adv/clip_frac": float((raw.abs() > clip).double().mean()),
+        "adv/zero_var_frac": float(zero_var.double().mean()),
+        "adv/reward_std": reward_std,
+    }
+    return adv.to(_out_dtype(rewards)), metrics
