@@ -14,16 +14,16 @@ from pathlib import Path
 CONF_DIR = os.environ.get("PSR_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
 
-def _entry(config_name: str, run: Callable[[object], None]) -> None:
+def _entry(config_name: str, run: Callable[[object], None], conf_dir: str = CONF_DIR) -> None:
     import hydra
 
-    if not Path(CONF_DIR, f"{config_name}.yaml").is_file():
+    if not Path(conf_dir, f"{config_name}.yaml").is_file():
         raise SystemExit(
-            f"psr: config directory {CONF_DIR} has no {config_name}.yaml; install psr from a checkout "
+            f"psr: config directory {conf_dir} has no {config_name}.yaml; install psr from a checkout "
             f"(pip install -e .) or set PSR_CONF_DIR"
         )
     os.environ.setdefault("WANDB_MODE", "offline")
-    main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(run)
+    main = hydra.main(version_base="1.3", config_path=conf_dir, config_name=config_name)(run)
     main()
 
 
@@ -68,4 +68,4 @@ def evaluate() -> None:
 
 def data() -> None:
     """``psr-data``: the multi-subject data pipeline (``stage=...``, ``shard.index=i shard.count=n``)."""
-    _entry("data", _data)
+    _entry("data", _data, conf_dir=str(Path(CONF_DIR, "pipeline")))
