@@ -272,12 +272,32 @@ class FlowPolicy(nn.Module):
     # ------------------------------------------------------------------ LoRA reference policy
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """The reference policy for KL: the same network with its LoRA adapters switched off."""
-        has = getattr(self.transformer, "peft_config", None)
-        if not has:
-            raise RuntimeError("adapters_disabled() needs LoRA adapters (model.lora.rank > 0)")
+        """The reference policy (for KL and DPO): the same network with its LoRA adapters switched
+        off, or, for full fine-tuning, the frozen copy made by :meth:`keep_reference_copy`."""
+        reference = self.__dict__.get("_reference")
+        if reference is not None:
+            live = self.transformer
+            self.transformer = reference
+            try:
+                yield
+            finally:
+                self.transformer = live
+            return
+        if not getattr(self.transformer, "peft_config", None):
+            raise RuntimeError(
+                "the reference policy needs LoRA adapters (train.mode=lora) or, with train.mode=full, "
+                "a frozen copy (FlowPolicy.keep_reference_copy)"
+            )
         self.transformer.disable_adapters()
         try:
             yield
         finally:
             self.transformer.enable_adapters()
+
+    def keep_reference_copy(self) -> None:
+        """Keep a frozen copy of the transformer as the reference policy (full fine-tuning with a KL
+        term or DPO); it is not a registered submodule, so it is in no state dict or optimizer."""
+        import copy
+
+        reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.__dict__["_reference"] = reference

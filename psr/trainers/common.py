@@ -73,12 +73,17 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 # ---------------------------------------------------------------------------------------------- policy
 
 
-def build_policy(cfg: DictConfig, device: torch.device | str) -> tuple[Any, list[nn.Parameter]]:
+def build_policy(
+    cfg: DictConfig, device: torch.device | str, *, reference: bool = False
+) -> tuple[Any, list[nn.Parameter]]:
     """Instantiate ``cfg.model`` on ``device`` and make its transformer trainable per ``cfg.train``.
 
     ``train.mode=lora`` adds a LoRA adapter (``train.lora.rank``, ``alpha``, ``targets``, ``init``)
     and trains only it; ``train.mode=full`` trains every transformer weight. Text encoders and the
-    VAE stay frozen either way.
+    VAE stay frozen either way. ``init_from`` (an SFT or RL run or checkpoint) is loaded into the
+    base weights first, on fresh and resumed runs alike. With ``reference`` (an objective that needs the reference policy:
+    DPO, or a KL term) and full fine-tuning, a frozen copy of the transformer is kept for it;
+    with LoRA the reference is the network with its adapters disabled.
 
     Returns:
         ``(policy, trainable parameters)``.
@@ -88,6 +93,10 @@ def build_policy(cfg: DictConfig, device: torch.device | str) -> tuple[Any, list
     from psr.models.lora import DEFAULT_TARGETS, add_lora
 
     policy = instantiate(cfg.model, device=str(device))
+    if cfg.get("init_from"):
+        # before adapters and engine: the base weights of every later run (resumed ones too) and the
+        # reference policy are the init_from model
+        load_initial_weights(policy, str(cfg.init_from))
     mode = str(cfg.train.mode)
     if mode == "lora":
         lora = cfg.train.lora
@@ -99,6 +108,8 @@ def build_policy(cfg: DictConfig, device: torch.device | str) -> tuple[Any, list
             init=lora.get("init", "gaussian"),
         )
     elif mode == "full":
+        if reference:
+            policy.keep_reference_copy()
         policy.transformer.requires_grad_(True)
         params = list(policy.transformer.parameters())
     else:
@@ -278,8 +289,14 @@ def save_training_checkpoint(
             from diffusers import FluxKontextPipeline
 
             path.mkdir(parents=True, exist_ok=True)
+            # the adapter config (rank, alpha, targets) travels in the file's metadata, so loaders
+            # apply scale alpha / rank, not 1
+            peft_cfg = policy.transformer.peft_config["default"].to_dict()
             FluxKontextPipeline.save_lora_weights(
-                path, transformer_lora_layers=layers, safe_serialization=True
+                path,
+                transformer_lora_layers=layers,
+                safe_serialization=True,
+                transformer_lora_adapter_metadata=peft_cfg,
             )
 
         extra_files["lora"] = write_lora

@@ -140,7 +140,7 @@ class SFTTrainer:
             self.reward = common.build_reward(cfg.validation.reward, self.engine.device)
         self.logger = common.build_logger(cfg, self.run_dir, self.engine.rank)
         self.timer = common.StepTimer()
-        self.preemption = ckpt.PreemptionHandler()
+        self.preemption = ckpt.PreemptionHandler(requeue=bool(cfg.get("requeue_on_preemption", True)))
         self.ckpt_root = self.run_dir / "checkpoints"
         self._resume(cfg.resume)
         self.batches = iter(common.data_loader(self.dataset, self.sampler, collate_sft, cfg.loader))
@@ -148,9 +148,7 @@ class SFTTrainer:
     def _resume(self, resume: str | None) -> None:
         path = ckpt.resolve_resume(resume, self.ckpt_root)
         if path is None:
-            if self.cfg.get("init_from"):
-                load_initial_weights(self.policy, str(self.cfg.init_from))
-            return
+            return  # init_from, if set, was loaded by build_policy
         state = common.load_training_checkpoint(path, self.policy, self.engine)
         self.step = int(state["step"])
         self.data_state = state["data"]

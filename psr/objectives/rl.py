@@ -1,0 +1,182 @@
+"""The two RL objectives as small modules: what one update does with a step's trajectories.
+
+The numerics live in :mod:`psr.objectives.grpo`, :mod:`psr.objectives.dpo` and
+:mod:`psr.sampling.sde`; these classes only decide which steps and samples go through the network,
+accumulate gradients over groups x steps x micro-batches, and call ``engine.step()`` once per inner
+epoch. A non-finite loss or log-prob skips the whole update (gradients dropped) and is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from psr.objectives.dpo import (
+    diffusion_dpo_loss,
+    flow_matching_errors,
+    focus_weights,
+    make_pairs,
+    patch_reference_similarity,
+)
+from psr.objectives.grpo import grpo_step_loss, select_train_steps
+from psr.sampling.sampler import step_log_prob
+from psr.sampling.sde import kl_gaussian_means
+from psr.types import Trajectory
+
+
+def _mean_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
+    out = {}
+    for k, vs in acc.items():
+        if k.endswith("_min"):
+            out[k] = min(vs)
+        elif k.endswith("_max"):
+            out[k] = max(vs)
+        else:
+            out[k] = sum(vs) / len(vs)
+    return out
+
+
+def _step(engine, acc: dict[str, list[float]]) -> None:
+    """``engine.step()`` (clip, optimizer, schedule, EMA) with its report added to ``acc``."""
+    out = engine.step()
+    acc.setdefault("train/grad_norm", []).append(float(out["grad_norm"]))
+    acc.setdefault("train/lr", []).append(float(out["lr"]))
+    acc.setdefault("train/skipped_step", []).append(float(out["skipped"]))
+
+
+def _chunks(index: Tensor, size: int) -> list[Tensor]:
+    return [index[i : i + size] for i in range(0, len(index), size)]
+
+
+@dataclass
+class GRPOObjective:
+    """Clipped surrogate on per-step ratios + beta KL to the adapters-disabled reference (§4)."""
+
+    clip_eps: float = 1e-4
+    beta: float = 0.0
+    train_steps: str = "first_fraction"
+    train_fraction: float = 0.99
+    num_train_steps: int | None = None
+    micro_batch: int = 8
+    inner_epochs: int = 1
+
+    def update(
+        self, policy, engine, trajs: list[Trajectory], advantages: list[Tensor]
+    ) -> tuple[float, dict[str, float]]:
+        """One GRPO update; returns (loss summed over the accumulated pieces, metrics)."""
+        acc: dict[str, list[float]] = {}
+        total = 0.0
+        # only samples with a non-zero advantage carry signal (zero-variance groups are skipped)
+        work = []
+        for g, (traj, adv) in enumerate(zip(trajs, advantages, strict=True)):
+            idx = torch.nonzero(adv != 0).flatten()
+            if len(idx):
+                gen = torch.Generator().manual_seed(int(traj.group_ids[0]) * 9973 + g)
+                steps = select_train_steps(
+                    traj.sde_mask.cpu(),
+                    mode=self.train_steps,
+                    fraction=self.train_fraction,
+                    num=self.num_train_steps,
+                    generator=gen,
+                )
+                work.extend((traj, adv, int(k), mb) for k in steps for mb in _chunks(idx, self.micro_batch))
+        if not work:
+            return 0.0, {"train/skipped_update": 1.0}
+        n_samples = sum(len(mb) for *_, mb in work)
+        for _ in range(self.inner_epochs):
+            bad = None
+            for traj, adv, k, mb in work:
+                with engine.autocast():
+                    out = step_log_prob(policy, traj, k, mb)
+                kl = None
+                if self.beta > 0:
+                    with torch.no_grad(), policy.adapters_disabled(), engine.autocast():
+                        ref_mean = step_log_prob(policy, traj, k, mb).mean
+                    kl = kl_gaussian_means(out.mean, ref_mean, out.std)
+                loss, m = grpo_step_loss(
+                    out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
+                )
+                if not torch.isfinite(loss) or not torch.isfinite(out.log_prob).all():
+                    bad = f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+                    break
+                # weight by the share of samples so the accumulated gradient is the mean over all pieces
+                engine.backward(loss * (len(mb) / n_samples))
+                total += float(loss.detach()) * len(mb) / n_samples
+                for key, v in m.items():
+                    acc.setdefault(key, []).append(float(v))
+            if bad is not None:
+                engine.zero_grad()
+                return math.nan, {"nonfinite_where": bad}  # type: ignore[dict-item]
+            _step(engine, acc)
+        return total / self.inner_epochs, _mean_metrics(acc)
+
+
+@dataclass
+class DPOObjective:
+    """Online Diffusion-DPO on in-group pairs (best vs worst, or all pairs above a margin)."""
+
+    beta: float = 2000.0
+    pairs: str = "best_worst"
+    margin: float = 0.0
+    timesteps_per_pair: int = 2
+    focus: bool = False
+    focus_strength: float = 1.0
+    focus_schedule: str = "linear"
+    micro_batch: int = 8
+    inner_epochs: int = 1
+
+    def update(
+        self, policy, engine, trajs: list[Trajectory], rewards: list[Tensor]
+    ) -> tuple[float, dict[str, float]]:
+        acc: dict[str, list[float]] = {}
+        work = []
+        for traj, r in zip(trajs, rewards, strict=True):
+            pairs = make_pairs(r, torch.zeros_like(r, dtype=torch.long), mode=self.pairs, margin=self.margin)
+            work.extend((traj, p) for p in _chunks(pairs, max(1, self.micro_batch // 2)))
+        if not work:
+            return 0.0, {"train/skipped_update": 1.0}
+        n_pairs = sum(len(p) for _, p in work) * self.timesteps_per_pair
+        total = 0.0
+        for epoch in range(self.inner_epochs):
+            for j, (traj, pairs) in enumerate(work):
+                gen = torch.Generator().manual_seed(int(traj.group_ids[0]) * 7919 + j * 31 + epoch)
+                for _ in range(self.timesteps_per_pair):
+                    loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
+                    if not torch.isfinite(loss):
+                        engine.zero_grad()
+                        return math.nan, {"nonfinite_where": f"DPO pairs of '{traj.cond.prompt[:40]}'"}  # type: ignore[dict-item]
+                    engine.backward(loss * (len(pairs) / n_pairs))
+                    total += float(loss.detach()) * len(pairs) / n_pairs
+                    for key, v in m.items():
+                        acc.setdefault(key, []).append(float(v))
+            _step(engine, acc)
+        return total / self.inner_epochs, _mean_metrics(acc)
+
+    def _pair_loss(
+        self, policy, engine, traj: Trajectory, pairs: Tensor, gen: torch.Generator
+    ) -> tuple[Tensor, dict]:
+        """Shared (t, noise) for winner and loser, as Diffusion-DPO prescribes."""
+        x0 = traj.latents[:, -1]  # [G, N, C] clean latents
+        win, lose = pairs[:, 0], pairs[:, 1]
+        p = len(pairs)
+        t = torch.rand(p, generator=gen).to(x0.device)
+        noise = torch.randn(p, *x0.shape[1:], generator=gen).to(x0.device)
+        x = torch.cat([x0[win], x0[lose]])  # [2P, N, C]
+        eps = torch.cat([noise, noise])
+        tt = torch.cat([t, t])
+        x_t = (1 - tt[:, None, None]) * x + tt[:, None, None] * eps
+        target = eps - x
+        weights = None
+        if self.focus:
+            sim = patch_reference_similarity(x.float(), traj.cond.ref_tokens.float())
+            weights = focus_weights(sim, tt, strength=self.focus_strength, schedule=self.focus_schedule)
+        with engine.autocast():
+            v = policy.velocity(x_t, tt, traj.cond).float()
+        with torch.no_grad(), policy.adapters_disabled(), engine.autocast():
+            v_ref = policy.velocity(x_t, tt, traj.cond).float()
+        err = flow_matching_errors(v, target, weights)
+        err_ref = flow_matching_errors(v_ref, target, weights)
+        return diffusion_dpo_loss(err[:p], err_ref[:p], err[p:], err_ref[p:], self.beta)
