@@ -1,0 +1,461 @@
+"""``psr-eval``: sample a benchmark with the ODE sampler and score every sample with a reward.
+
+One run, top to bottom (:func:`main`):
+  1. the records of ``data`` (PSRBench JSON, a ``psr-data`` manifest or the synthetic set),
+     ``eval.split`` of them, this rank's share (``records[rank::world]``);
+  2. the model of ``model``, optionally with ``checkpoint=`` (a psr-sft / psr-rl run or checkpoint
+     directory, LoRA merged) and/or ``lora=`` (a diffusers-format LoRA file, merged);
+  3. per record: condition once (prompt + references), ``eval.samples_per_prompt`` ODE samples from
+     per-sample initial noise seeded by ``(seed, record id, sample index)``, so a sample is the same
+     whatever the batch, the sharding or the resume;
+  4. per batch of ``eval.batch_size`` records: the reward on all its images in one call, the PNGs
+     under ``samples/`` and one line per sample appended to the scores file (flushed per batch);
+  5. rank 0 merges every rank's lines into ``scores.jsonl``, writes ``summary.json`` (mean / std /
+     count per reward key, overall and per task kind) and ``grid.png`` (references | samples).
+
+Resume: a rerun in the same ``run_dir`` skips the samples already scored. Images are quantized to
+8 bits before scoring, so scoring the saved PNGs again (``psr-score``) gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import Tensor
+
+from psr import distributed
+from psr.data.dataset import PromptDataset, PromptRecord, derive_seed, open_image, to_tensor
+from psr.sampling.sampler import initial_noise, rollout
+from psr.trainers import common
+
+SCORES = "scores.jsonl"
+SUMMARY = "summary.json"
+SETTINGS = "eval_settings.json"
+GRID = "grid.png"
+SPLITS = ("all", "train", "heldout")
+SAMPLING_KEYS = ("samples_per_prompt", "resolution", "num_steps")  # eval keys that change a sample
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def record_key(record_id: str) -> int:
+    """A stable 63-bit integer for a record id (seeds must not depend on the record's position)."""
+    return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+def sample_seed(seed: int, record_id: str, index: int) -> int:
+    """The seed of sample ``index`` of record ``record_id``: its initial noise depends on nothing else."""
+    return derive_seed(seed, record_key(record_id), index)
+
+
+def image_name(record_id: str, index: int) -> str:
+    """``<record_id>_<k>.png`` with characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', record_id)}_{index}.png"
+
+
+def quantize(images: Tensor) -> Tensor:
+    """``[B, 3, H, W]`` in [0, 1] rounded to the 8-bit values a PNG stores (fp32)."""
+    return (images.float().clamp(0, 1) * 255).round() / 255
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """``[3, H, W]`` in [0, 1] -> an RGB PIL image."""
+    arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def json_value(v: float) -> float | None:
+    """NaN (the reward does not apply) as JSON null."""
+    return None if math.isnan(v) else v
+
+
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    """The lines of a scores file; a torn last line (a run killed mid-write) is ignored.
+
+    Raises:
+        ValueError: a line other than an unterminated last one is not JSON.
+    """
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                continue
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON ({err.msg}); delete the line to rescore it"
+            ) from err
+    return out
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Truncate ``path`` after its last newline, so appended lines do not join a torn one."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, population std and count per reward key over the samples where it applies (not null),
+    overall and per task kind (records with an empty kind only count overall)."""
+
+    def stats(subset: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+        values: dict[str, list[float]] = defaultdict(list)
+        for r in subset:
+            for k, v in r["scores"].items():
+                if v is not None:
+                    values[k].append(float(v))
+        keys = sorted({k for r in subset for k in r["scores"]})
+        out: dict[str, dict[str, float | int | None]] = {}
+        for k in keys:
+            arr = np.asarray(values[k], dtype=np.float64)
+            out[k] = {  # null mean / std: the key applies to no sample here
+                "mean": float(arr.mean()) if arr.size else None,
+                "std": float(arr.std()) if arr.size else None,
+                "count": int(arr.size),
+            }
+        return out
+
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("kind"):
+            by_kind[r["kind"]].append(r)
+    return {
+        "count": len(rows),
+        "records": len({r["id"] for r in rows}),
+        "metrics": stats(rows),
+        "by_kind": {k: {"count": len(v), "metrics": stats(v)} for k, v in sorted(by_kind.items())},
+    }
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": leaf}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def load_lora_file(policy: Any, path: str | os.PathLike) -> Path:
+    """Merge a diffusers-format FLUX LoRA (``pytorch_lora_weights.safetensors`` or its folder) into
+    the transformer's base weights, at the scale stored with it (alpha / rank; 1 without metadata)."""
+    from psr.models.lora import merge_lora
+
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"lora={path}: no such file (a diffusers LoRA .safetensors or its folder)")
+    policy.transformer.load_lora_adapter(
+        str(p.parent), weight_name=p.name, prefix="transformer", adapter_name="psr_eval_lora"
+    )
+    merge_lora(policy.transformer)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class Evaluator:
+    """``__init__`` reads scalars; ``setup`` builds; ``run`` samples and scores; ``finish`` merges."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        e = cfg.eval
+        self.seed = int(cfg.seed)
+        self.split = str(e.split)
+        if self.split not in SPLITS:
+            raise ValueError(f"eval.split={self.split!r}; expected one of {SPLITS}")
+        self.samples_per_prompt = int(e.samples_per_prompt)
+        self.resolution = int(e.resolution)
+        self.num_steps = int(e.num_steps)
+        self.batch_size = int(e.batch_size)
+        self.grid_records = int(e.grid_records)
+        self.limit = None if e.get("limit") is None else int(e.limit)
+        for key, value in (
+            ("samples_per_prompt", self.samples_per_prompt),
+            ("num_steps", self.num_steps),
+            ("batch_size", self.batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"eval.{key}={value} must be >= 1")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.info, self._owns_group = distributed.init_distributed()
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.run_dir = common.resolve_run_dir(cfg)
+        self.device = torch.device(
+            cfg.device
+            if cfg.get("device")
+            else (f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu")
+        )
+        self._check_settings()
+        # rank 0 first: the synthetic set is written into run_dir, and two writers would collide
+        if self.rank == 0:
+            self.records = self._load_records()
+        distributed.barrier()
+        if self.rank != 0:
+            self.records = self._load_records()
+        from hydra.utils import instantiate
+
+        self.policy = instantiate(cfg.model, device=str(self.device))
+        if cfg.get("checkpoint"):
+            read = common.load_initial_weights(self.policy, str(cfg.checkpoint))
+            self._say(f"psr-eval: weights from {read}")
+        if cfg.get("lora"):
+            read = load_lora_file(self.policy, str(cfg.lora))
+            self._say(f"psr-eval: LoRA merged from {read}")
+        self.policy.eval()
+        self.reward = common.build_reward(cfg.reward, self.device)
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def _load_records(self) -> PromptDataset:
+        train, heldout, root = common.load_records(self.cfg.data, self.run_dir)
+        samples = {"all": train + heldout, "train": train, "heldout": heldout}[self.split]
+        if self.limit is not None:
+            samples = samples[: self.limit]
+        if not samples:
+            raise ValueError(f"eval.split={self.split} selects no records of data.kind={self.cfg.data.kind}")
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(
+                f"record ids must be unique (samples are named and resumed by id); repeated: {dup[:5]}"
+            )
+        return PromptDataset(samples, root)
+
+    def _check_settings(self) -> None:
+        """A rerun in the same run_dir must sample the same way, or resumed scores would mix two models."""
+        keep = ("model", "reward", "seed", "checkpoint", "lora", *(f"eval.{k}" for k in SAMPLING_KEYS))
+        settings = flatten({k: common.to_plain(OmegaConf.select(self.cfg, k)) for k in keep})
+        path = self.run_dir / SETTINGS
+        if path.is_file():
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(
+                    f"{self.run_dir} holds scores made with other settings ({', '.join(changed)} differ from "
+                    f"{path}); evaluate into a new run_dir (hydra.run.dir=...) or delete it"
+                )
+        distributed.barrier()
+        if self.rank == 0:
+            path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+    # ------------------------------------------------------------------ sampling
+    def scores_path(self) -> Path:
+        """Where this rank appends: ``scores.jsonl`` alone, ``scores.rank<r>.jsonl`` with several ranks."""
+        return self.run_dir / (SCORES if self.world == 1 else f"scores.rank{self.rank}.jsonl")
+
+    def score_files(self) -> list[Path]:
+        return [self.run_dir / SCORES, *sorted(self.run_dir.glob("scores.rank*.jsonl"))]
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(r["id"], int(r["sample"])) for f in self.score_files() for r in read_scores(f)}
+
+    @torch.no_grad()
+    def sample(self, record: PromptRecord) -> tuple[Tensor, list[int]]:
+        """All ``samples_per_prompt`` ODE samples of ``record`` ``[G, 3, H, W]`` (quantized) and their seeds.
+
+        The whole group is always sampled, even on resume, so a sample's batch never changes.
+        """
+        res = self.resolution
+        cond = self.policy.condition(record.prompt, record.references, res, res)
+        seeds = [sample_seed(self.seed, record.id, k) for k in range(self.samples_per_prompt)]
+        noise = torch.cat(
+            [
+                initial_noise(self.policy, cond, 1, torch.Generator(self.policy.device).manual_seed(s))
+                for s in seeds
+            ]
+        )  # [G, N, C]
+        traj = rollout(
+            self.policy, cond, self.samples_per_prompt, num_steps=self.num_steps, kind="ode", latents=noise
+        )
+        return quantize(traj.images), seeds
+
+    def run(self) -> int:
+        """Sample and score this rank's missing samples; returns how many were scored."""
+        done = self.done()
+        distributed.barrier()  # every rank reads what is done before any rank appends
+        G = self.samples_per_prompt
+        mine = list(range(self.rank, len(self.records), self.world))
+        todo = [i for i in mine if any((self.records.samples[i].id, k) not in done for k in range(G))]
+        self._say(
+            f"psr-eval: {len(self.records)} records x {G} samples, {len(done)} already scored, "
+            f"{len(todo)} records to sample on {self.world} rank(s)"
+        )
+        samples_dir = self.run_dir / "samples"
+        samples_dir.mkdir(exist_ok=True)
+        out_path = self.scores_path()
+        drop_torn_tail(out_path)
+        count = 0
+        bar = common.progress(len(todo), "psr-eval", self.rank, unit="record")
+        with out_path.open("a", encoding="utf-8") as out:
+            for chunk in batched(todo, self.batch_size):
+                images: list[Tensor] = []
+                rows: list[dict[str, Any]] = []
+                inputs: list[PromptRecord] = []
+                for i in chunk:
+                    rec = self.records[i]
+                    group, seeds = self.sample(rec)
+                    missing = [k for k in range(G) if (rec.id, k) not in done]
+                    images.append(group[missing])
+                    inputs += [rec] * len(missing)
+                    rows += [
+                        {
+                            "id": rec.id,
+                            "prompt": rec.prompt,
+                            "kind": rec.kind,
+                            "sample": k,
+                            "seed": seeds[k],
+                            "image": f"samples/{image_name(rec.id, k)}",
+                            "num_references": len(rec.references),
+                        }
+                        for k in missing
+                    ]
+                batch = torch.cat(images)  # [B, 3, H, W]
+                scores = self.reward(batch.to(self.device), common.reward_inputs(inputs))
+                values = {k: v.detach().float().cpu().tolist() for k, v in scores.items()}
+                for b, row in enumerate(rows):
+                    to_pil(batch[b]).save(self.run_dir / row["image"])
+                    row["scores"] = {k: json_value(v[b]) for k, v in values.items()}
+                    out.write(json.dumps(row) + "\n")
+                out.flush()  # a kill loses at most this batch
+                count += len(rows)
+                bar.update(len(chunk))
+        bar.close()
+        return count
+
+    # ------------------------------------------------------------------ merge, summary, grid
+    def finish(self) -> dict[str, Any] | None:
+        """Rank 0: merge the ranks' scores into ``scores.jsonl`` (record order), write the summary and grid."""
+        distributed.barrier()
+        if self.rank != 0:
+            return None
+        order = {s.id: i for i, s in enumerate(self.records.samples)}
+        merged: dict[tuple[str, int], dict[str, Any]] = {}
+        files = self.score_files()
+        for f in files:
+            for r in read_scores(f):
+                merged[(r["id"], int(r["sample"]))] = r
+        rows = sorted(
+            merged.values(), key=lambda r: (order.get(r["id"], len(order)), r["id"], int(r["sample"]))
+        )
+        tmp = self.run_dir / (SCORES + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.run_dir / SCORES)
+        for f in files[1:]:
+            f.unlink()
+        wanted = [r for r in rows if r["id"] in order and int(r["sample"]) < self.samples_per_prompt]
+        expected = len(self.records) * self.samples_per_prompt
+        if len(wanted) != expected:
+            raise RuntimeError(f"psr-eval: {len(wanted)} of {expected} samples scored; rerun to finish")
+        summary = summarize(wanted)
+        summary["split"] = self.split
+        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+        self.write_grid(wanted)
+        return summary
+
+    def write_grid(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.grid_records <= 0:
+            return
+        by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_id[r["id"]].append(r)
+        cells, captions = [], []
+        for i in range(min(self.grid_records, len(self.records))):
+            rec = self.records[i]
+            samples = sorted(by_id[rec.id], key=lambda r: int(r["sample"]))
+            cells.append(
+                list(rec.references)
+                + [to_tensor(open_image(self.run_dir / r["image"], rec.id, "sample")) for r in samples]
+            )
+            captions.append(
+                [f"ref {k + 1}" for k in range(len(rec.references))]
+                + [_caption(r["scores"].get("score")) for r in samples]
+            )
+        common.make_grid(cells, captions, cell_height=min(256, self.resolution)).save(self.run_dir / GRID)
+
+    def cleanup(self) -> None:
+        if self._owns_group:
+            distributed.destroy()
+
+
+def _caption(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.3f}"
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The summary as a table: key, mean, std, count; then per kind the combined score."""
+
+    def row(key: str, s: dict[str, Any]) -> str:
+        mean, std = (f"{s[k]:>9.4f}" if s[k] is not None else f"{'n/a':>9}" for k in ("mean", "std"))
+        return f"{key:<32} {mean} {std} {s['count']:>6}"
+
+    lines = [f"{'key':<32} {'mean':>9} {'std':>9} {'n':>6}"]
+    lines += [row(k, s) for k, s in summary["metrics"].items()]
+    for kind, block in summary["by_kind"].items():
+        if "score" in block["metrics"]:
+            lines.append(row(f"score [{kind}]", block["metrics"]["score"]))
+    print("\n".join(lines), flush=True)
+
+
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``psr-eval`` (see :mod:`psr.cli`)."""
+    start = time.time()
+    evaluator = Evaluator(cfg)
+    evaluator.setup()
+    try:
+        evaluator.run()
+        summary = evaluator.finish()
+    finally:
+        evaluator.cleanup()
+    if summary is not None:
+        print_summary(summary)
+        run_dir = evaluator.run_dir
+        common.print_outputs(
+            "psr-eval",
+            run_dir,
+            time.time() - start,
+            extra={
+                "samples": run_dir / "samples",
+                "scores": run_dir / SCORES,
+                "summary": run_dir / SUMMARY,
+                "grid": run_dir / GRID,
+            },
+        )
