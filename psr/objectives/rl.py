@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from psr.data.dataset import derive_seed
 from psr.objectives.dpo import (
     diffusion_dpo_loss,
     flow_matching_errors,
@@ -47,6 +48,25 @@ def _step(engine, acc: dict[str, list[float]]) -> None:
     acc.setdefault("train/skipped_step", []).append(float(out["skipped"]))
 
 
+def _reduce_max(value: float) -> float:
+    from psr.distributed import all_reduce_max
+
+    return all_reduce_max(float(value))
+
+
+def _reduce_mean(value: float) -> float:
+    from psr.distributed import all_reduce_mean
+
+    return float(all_reduce_mean(torch.tensor([float(value)], dtype=torch.float64)))
+
+
+def _filler(trajs: list[Trajectory], advantages: list[Tensor], micro_batch: int) -> tuple:
+    """A zero-weight piece for a rank with no work of its own (its forward keeps ranks in step)."""
+    traj = trajs[0]
+    k = int(torch.nonzero(traj.sde_mask).flatten()[0])
+    return traj, advantages[0], k, torch.arange(min(micro_batch, traj.batch_size), device=traj.latents.device)
+
+
 def _chunks(index: Tensor, size: int) -> list[Tensor]:
     return [index[i : i + size] for i in range(0, len(index), size)]
 
@@ -64,17 +84,18 @@ class GRPOObjective:
     inner_epochs: int = 1
 
     def update(
-        self, policy, engine, trajs: list[Trajectory], advantages: list[Tensor]
+        self, policy, engine, trajs: list[Trajectory], advantages: list[Tensor], seed: int = 0
     ) -> tuple[float, dict[str, float]]:
-        """One GRPO update; returns (loss summed over the accumulated pieces, metrics)."""
+        """One GRPO update; returns (loss summed over the accumulated pieces, metrics). Trained
+        steps are drawn from ``(seed, group id)``, independent of how groups are spread over ranks."""
         acc: dict[str, list[float]] = {}
         total = 0.0
         # only samples with a non-zero advantage carry signal (zero-variance groups are skipped)
         work = []
-        for g, (traj, adv) in enumerate(zip(trajs, advantages, strict=True)):
+        for traj, adv in zip(trajs, advantages, strict=True):
             idx = torch.nonzero(adv != 0).flatten()
             if len(idx):
-                gen = torch.Generator().manual_seed(int(traj.group_ids[0]) * 9973 + g)
+                gen = torch.Generator().manual_seed(derive_seed(seed, int(traj.group_ids[0])))
                 steps = select_train_steps(
                     traj.sde_mask.cpu(),
                     mode=self.train_steps,
@@ -83,12 +104,21 @@ class GRPOObjective:
                     generator=gen,
                 )
                 work.extend((traj, adv, int(k), mb) for k in steps for mb in _chunks(idx, self.micro_batch))
-        if not work:
+        # ranks must agree: all skip, or all run the same number of forwards (ZeRO-3 gathers
+        # parameters in each) and steps; a rank with less work pads with zero-weight pieces
+        n_pieces = int(_reduce_max(len(work)))
+        if n_pieces == 0:
             return 0.0, {"train/skipped_update": 1.0}
-        n_samples = sum(len(mb) for *_, mb in work)
+        weights = [1.0] * len(work) + [0.0] * (n_pieces - len(work))
+        if len(work) < n_pieces:
+            filler = work[0] if work else _filler(trajs, advantages, self.micro_batch)
+            work = work + [filler] * (n_pieces - len(work))
+        # the mean over every rank's samples: each rank divides by the mean count per rank, and the
+        # engine averages gradients over ranks
+        n_samples = _reduce_mean(sum(len(mb) * w for (*_, mb), w in zip(work, weights, strict=True)))
         for _ in range(self.inner_epochs):
             bad = None
-            for traj, adv, k, mb in work:
+            for (traj, adv, k, mb), weight in zip(work, weights, strict=True):
                 with engine.autocast():
                     out = step_log_prob(policy, traj, k, mb)
                 kl = None
@@ -100,16 +130,17 @@ class GRPOObjective:
                     out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
                 )
                 if not torch.isfinite(loss) or not torch.isfinite(out.log_prob).all():
-                    bad = f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
-                    break
+                    bad = bad or f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+                    continue  # no backward; the other pieces still run their forwards
                 # weight by the share of samples so the accumulated gradient is the mean over all pieces
-                engine.backward(loss * (len(mb) / n_samples))
-                total += float(loss.detach()) * len(mb) / n_samples
-                for key, v in m.items():
-                    acc.setdefault(key, []).append(float(v))
-            if bad is not None:
+                engine.backward(loss * (weight * len(mb) / n_samples))
+                if weight:
+                    total += float(loss.detach()) * len(mb) / n_samples
+                    for key, v in m.items():
+                        acc.setdefault(key, []).append(float(v))
+            if _reduce_max(bad is not None):
                 engine.zero_grad()
-                return math.nan, {"nonfinite_where": bad}  # type: ignore[dict-item]
+                return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
             _step(engine, acc)
         return total / self.inner_epochs, _mean_metrics(acc)
 
@@ -129,29 +160,47 @@ class DPOObjective:
     inner_epochs: int = 1
 
     def update(
-        self, policy, engine, trajs: list[Trajectory], rewards: list[Tensor]
+        self, policy, engine, trajs: list[Trajectory], rewards: list[Tensor], seed: int = 0
     ) -> tuple[float, dict[str, float]]:
+        """One DPO update; (t, noise) per piece from ``(seed, group id, piece, epoch)``, so the
+        draws do not depend on how groups are spread over ranks."""
         acc: dict[str, list[float]] = {}
         work = []
         for traj, r in zip(trajs, rewards, strict=True):
             pairs = make_pairs(r, torch.zeros_like(r, dtype=torch.long), mode=self.pairs, margin=self.margin)
-            work.extend((traj, p) for p in _chunks(pairs, max(1, self.micro_batch // 2)))
-        if not work:
+            chunks = _chunks(pairs, max(1, self.micro_batch // 2))
+            work.extend((traj, p, j) for j, p in enumerate(chunks))
+        n_pieces = int(_reduce_max(len(work)))  # ranks agree on the number of forwards and steps
+        if n_pieces == 0:
             return 0.0, {"train/skipped_update": 1.0}
-        n_pairs = sum(len(p) for _, p in work) * self.timesteps_per_pair
+        weights = [1.0] * len(work) + [0.0] * (n_pieces - len(work))
+        if len(work) < n_pieces:
+            filler = (
+                work[0] if work else (trajs[0], torch.tensor([[0, 1]], device=trajs[0].latents.device), 0)
+            )
+            work = work + [filler] * (n_pieces - len(work))
+        n_pairs = _reduce_mean(sum(len(p) * w for (_, p, _), w in zip(work, weights, strict=True)))
+        n_pairs *= self.timesteps_per_pair
         total = 0.0
         for epoch in range(self.inner_epochs):
-            for j, (traj, pairs) in enumerate(work):
-                gen = torch.Generator().manual_seed(int(traj.group_ids[0]) * 7919 + j * 31 + epoch)
+            bad = None
+            for (traj, pairs, j), weight in zip(work, weights, strict=True):
+                gen = torch.Generator().manual_seed(derive_seed(seed, int(traj.group_ids[0]), j, epoch))
                 for _ in range(self.timesteps_per_pair):
                     loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
                     if not torch.isfinite(loss):
-                        engine.zero_grad()
-                        return math.nan, {"nonfinite_where": f"DPO pairs of '{traj.cond.prompt[:40]}'"}  # type: ignore[dict-item]
-                    engine.backward(loss * (len(pairs) / n_pairs))
-                    total += float(loss.detach()) * len(pairs) / n_pairs
-                    for key, v in m.items():
-                        acc.setdefault(key, []).append(float(v))
+                        bad = (
+                            bad or f"DPO pairs of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+                        )
+                        continue
+                    engine.backward(loss * (weight * len(pairs) / n_pairs))
+                    if weight:
+                        total += float(loss.detach()) * len(pairs) / n_pairs
+                        for key, v in m.items():
+                            acc.setdefault(key, []).append(float(v))
+            if _reduce_max(bad is not None):
+                engine.zero_grad()
+                return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
             _step(engine, acc)
         return total / self.inner_epochs, _mean_metrics(acc)
 

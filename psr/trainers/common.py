@@ -143,15 +143,19 @@ def load_records(data: DictConfig, run_dir: Path) -> tuple[list[Any], list[Any],
         root = Path(os.path.expanduser(str(data.root))).resolve() if data.get("root") else path.parent
         samples = mf.read_psrbench(path)
     elif kind == "synthetic":
+        from psr import distributed
         from psr.data.synthetic import write_synthetic_manifest
 
-        path = write_synthetic_manifest(
-            run_dir / "data",
+        kwargs = dict(
             num_records=int(data.num_records),
             num_subjects=tuple(data.num_subjects),
             image_size=int(data.image_size),
             seed=int(data.get("seed", 0)),
         )
+        if distributed.is_main():  # one writer; the other ranks read after the barrier
+            write_synthetic_manifest(run_dir / "data", **kwargs)
+        distributed.barrier()
+        path = write_synthetic_manifest(run_dir / "data", **kwargs)  # reuses the complete manifest
         samples, root = mf.read_manifest(path), path.parent
     else:
         raise ValueError(f"data.kind={kind!r}; expected manifest, psrbench or synthetic")

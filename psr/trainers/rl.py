@@ -33,6 +33,30 @@ class NonFiniteError(RuntimeError):
     """Raised after ``train.max_nonfinite`` updates were skipped for a non-finite loss or log-prob."""
 
 
+def _merge_over_ranks(loss: float, metrics: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """The loss and objective metrics of the whole step: means over ranks (``*_min`` / ``*_max``:
+    min / max), each over the ranks that report it (a rank whose groups all had zero variance
+    reports none)."""
+    from psr.distributed import all_gather_object
+
+    parts = all_gather_object((loss, metrics))
+    if len(parts) == 1:
+        return loss, metrics
+    losses = [p[0] for p in parts]
+    out: dict[str, Any] = {}
+    for key in sorted({k for _, m in parts for k in m}):
+        values = [m[key] for _, m in parts if key in m]
+        if isinstance(values[0], str):
+            out[key] = values[0]
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return sum(losses) / len(losses), out
+
+
 class RLTrainer:
     """GRPO / DPO recipe. ``__init__`` reads scalars; ``setup`` builds; ``train`` runs."""
 
@@ -134,19 +158,25 @@ class RLTrainer:
                 )
                 return
 
-    def rollout(self, records: list[PromptRecord], step: int, **overrides: Any) -> list[Trajectory]:
-        """G samples for each record; the generator is a function of (seed, step, rank, group), so a
-        resumed run draws exactly the noise an uninterrupted one would."""
+    def rollout(
+        self, records: list[PromptRecord], step: int, first_group: int | None = None, **overrides: Any
+    ) -> list[Trajectory]:
+        """G samples for each record. Group ids are global (rank r holds groups ``r P .. r P + P - 1``)
+        and the generator is a function of (seed, step, group id), so a resumed run draws exactly the
+        noise an uninterrupted one would, and 2 ranks draw what 1 rank with the same batch would."""
         kwargs = {**self.sampler_kwargs, **overrides}
+        if first_group is None:
+            first_group = self.engine.rank * self.prompts_per_step
         self.policy.eval()
         trajs = []
         for i, rec in enumerate(records):
+            gid = first_group + i
             cond = self.policy.condition(rec.prompt, rec.references, self.resolution, self.resolution)
-            gen = torch.Generator(self.engine.device).manual_seed(
-                common.derive_seed(self.seed, step, self.engine.rank, i)
-            )
+            gen = torch.Generator(self.engine.device).manual_seed(common.derive_seed(self.seed, step, gid))
             with self.engine.gathered_parameters(), self.engine.autocast():
-                trajs.append(rollout(self.policy, cond, self.group_size, generator=gen, group_id=i, **kwargs))
+                trajs.append(
+                    rollout(self.policy, cond, self.group_size, generator=gen, group_id=gid, **kwargs)
+                )
         return trajs
 
     @torch.no_grad()
@@ -158,7 +188,13 @@ class RLTrainer:
         return {k: v.float().to(images.device) for k, v in out.items()}
 
     def update(self, trajs: list[Trajectory], scores: dict[str, Tensor]) -> dict[str, float]:
-        group_ids = torch.cat([t.group_ids for t in trajs])
+        """Advantages (or pairs) and the objective's update. Rewards of every rank are gathered, so
+        the advantages and the logged statistics are those of the whole step's batch."""
+        gather = self.engine.all_gather_tensor
+        local_ids = torch.cat([t.group_ids for t in trajs])
+        group_ids = gather(local_ids)
+        scores = {k: gather(v) for k, v in scores.items()}
+        mine = torch.isin(group_ids, local_ids)  # this rank's samples in the gathered order
         metrics = common.reward_metrics(scores)
         components = common.reward_components(scores)
         rewards = (
@@ -172,26 +208,28 @@ class RLTrainer:
             else scores["score"]
         )
         rewards = torch.nan_to_num(rewards, nan=0.0)
+        seed = common.derive_seed(self.seed, self.step)
+        sizes = [t.batch_size for t in trajs]
         if isinstance(self.objective, GRPOObjective):
             adv_cfg = self.cfg.advantage
-            all_rewards = self.engine.all_gather_tensor(rewards) if adv_cfg.global_std else rewards
             advantages, adv_metrics = group_advantages(
                 rewards,
                 group_ids,
                 global_std=bool(adv_cfg.global_std),
                 eps=float(adv_cfg.eps),
                 clip=float(adv_cfg.clip),
-                global_rewards=all_rewards,
             )
             metrics.update(adv_metrics)
-            per_group = advantages.split([t.batch_size for t in trajs])
             self.policy.train()
-            loss, obj_metrics = self.objective.update(self.policy, self.engine, trajs, list(per_group))
+            loss, obj_metrics = self.objective.update(
+                self.policy, self.engine, trajs, list(advantages[mine].split(sizes)), seed=seed
+            )
         else:
             self.policy.train()
             loss, obj_metrics = self.objective.update(
-                self.policy, self.engine, trajs, list(rewards.split([t.batch_size for t in trajs]))
+                self.policy, self.engine, trajs, list(rewards[mine].split(sizes)), seed=seed
             )
+        loss, obj_metrics = _merge_over_ranks(loss, obj_metrics)
         metrics.update(obj_metrics)
         if not math.isfinite(loss):
             self.nonfinite += 1
