@@ -1,0 +1,264 @@
+"""Time and memory of one psr-rl step, split into rollout / reward / update, vs the step's settings.
+
+The real recipe: ``conf/rl.yaml`` composed with Hydra (``experiment=quickstart`` plus overrides), a
+:class:`psr.trainers.rl.RLTrainer` built with ``setup()``, and per step what ``train()`` times:
+``rollout`` (conditioning + P groups of G SDE samples), ``score`` (the colour reward: weight-free, so
+the reward column is the reward code's overhead, not a reward model's), ``update`` (advantages or
+DPO pairs and the objective's forward/backward/optimizer steps). One step of warm-up, then the
+median of ``--repeats`` steps. The number of references is set through the synthetic data
+(``data.num_subjects=[n]``: every record has n subjects, each with a reference).
+
+One axis at a time around a base setting: the first value of each list option (``--group-sizes
+4 2 8``: base G = 4; each axis's other values are printed in ascending order). ``--grid`` runs every
+combination instead. GRPO's ``beta > 0`` adds the reference forward (LoRA: adapters disabled; full:
+a frozen copy of the transformer); DPO always has one, and its own beta (the config's) is not
+varied. Columns: target tokens N, reference tokens R, median
+milliseconds per phase and per step, peak CUDA memory allocated during the rollout and the update
+(n/a on the CPU), and the process's peak resident memory so far (``getrusage``; it only grows, so
+later rows include earlier ones).
+
+    python benchmarks/rl_step.py                          # tiny model on the CPU (~15-40 s)
+    python benchmarks/rl_step.py --flux-size --repeats 2  # FLUX.1-size random weights, CUDA only
+
+``--flux-size`` replaces ``cfg.model`` with FLUX.1-size random weights (``flux_size_policy`` in
+``benchmarks/sft_step.py``: 19 + 38 blocks, 3072 wide, bf16, the 16-channel FLUX VAE, toy text
+encoders of the right widths; gradient checkpointing on) and runs in bf16 autocast with LoRA rank 64
+(``conf/rl.yaml``'s default). Full fine-tuning a 12B transformer with AdamW does not fit one GPU
+(``--modes full`` is allowed but not in its defaults). Nothing is downloaded. The tiny model's
+timings are for comparing rows of one run; they do not predict a real model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# run as a script, this file's folder comes first on sys.path and benchmarks/rewards.py would shadow
+# the `rewards` package the reward config points at: the repository root first, this folder last
+# (for ``sft_step.flux_size_policy``)
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+sys.path.append(str(_HERE))
+sys.modules.pop("rewards", None)
+
+CONF = str(_HERE.parent / "conf")
+AXES = ("G", "refs", "res", "algo", "mode", "beta")
+
+
+def compose(setting: dict[str, Any], args: argparse.Namespace, run_dir: str) -> Any:
+    """The trainer's config for one setting: quickstart, plus the setting, plus benchmark plumbing."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    g = setting["G"]
+    overrides = [
+        "experiment=quickstart",
+        f"run_dir={run_dir}",
+        "resume=null",
+        f"data.num_subjects=[{setting['refs']}]",
+        f"data.image_size={setting['res']}",
+        f"data.num_records={args.prompts_per_step * (args.repeats + 1)}",
+        "data.heldout=0",
+        f"train.resolution={setting['res']}",
+        f"train.prompts_per_step={args.prompts_per_step}",
+        f"train.group_size={g}",
+        f"train.micro_batch={args.micro_batch or g}",
+        f"train.mode={setting['mode']}",
+        f"algo={setting['algo']}",
+        f"sampler.num_steps={args.num_steps}",
+        "train.eval_every=0",
+        "train.grid_every=0",
+        "train.checkpoint_every=1000000",
+        "train.export_lora=false",
+        "requeue_on_preemption=false",
+    ]
+    if setting["algo"] == "grpo":
+        overrides.append(f"algo.beta={setting['beta']}")
+    if args.flux_size:
+        rank = args.lora_rank or 64
+        overrides += ["engine.precision=bf16", f"train.lora.rank={rank}", f"train.lora.alpha={rank}"]
+    elif args.lora_rank:
+        overrides += [f"train.lora.rank={args.lora_rank}", f"train.lora.alpha={2 * args.lora_rank}"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = hydra_compose("rl", overrides=overrides)
+    if args.flux_size:
+        with open_dict(cfg):
+            cfg.model = {"_target_": "sft_step.flux_size_policy", "gradient_checkpointing": True}
+    return cfg
+
+
+class Phases:
+    """Wall time (CUDA-synchronized) and peak CUDA memory of each phase of a step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, list[float]] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Any, *a: Any) -> Any:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        out = fn(*a)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), peak)
+        self.ms.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+        return out
+
+
+def measure(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Set up a trainer for ``setting``, warm up one step, time ``--repeats`` steps."""
+    from psr.trainers.rl import RLTrainer
+
+    with tempfile.TemporaryDirectory(prefix="psr_rl_bench_") as run_dir:
+        trainer = RLTrainer(compose(setting, args, run_dir))
+        trainer.setup()
+        try:
+            device = trainer.engine.device
+            phases = Phases(device)
+            skipped = 0
+            for step in range(args.repeats + 1):
+                if step == 1:  # drop the warm-up step
+                    phases = Phases(device)
+                trainer.step = step
+                records = trainer.sampler.next_batch()
+                trajs = phases("rollout", trainer.rollout, records, step)
+                scores = phases("reward", trainer.score, trajs, records)
+                metrics = phases("update", trainer.update, trajs, scores)
+                skipped += step > 0 and "train/skipped_update" in metrics
+            rec = records[0]
+            cond = trainer.policy.condition(rec.prompt, rec.references, setting["res"], setting["res"])
+            steps = [sum(t) for t in zip(*phases.ms.values(), strict=True)]
+            return {
+                **setting,
+                "N": cond.num_target_tokens,
+                "R": cond.ref_tokens.shape[1],
+                **{f"{k}_ms": statistics.median(v) for k, v in phases.ms.items()},
+                "step_ms": statistics.median(steps),
+                "rollout_mb": phases.peak_mb.get("rollout"),
+                "update_mb": phases.peak_mb.get("update"),
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                "skipped": skipped,
+            }
+        finally:
+            trainer.cleanup()
+
+
+def settings(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """``(varied axis, setting)`` rows: one axis at a time around the base, or the full grid."""
+    lists = {
+        "G": args.group_sizes,
+        "refs": args.refs,
+        "res": args.resolutions,
+        "algo": args.algos,
+        "mode": args.modes,
+        "beta": args.betas,
+    }
+    if args.grid:
+        rows = [dict(zip(AXES, values, strict=True)) for values in itertools.product(*lists.values())]
+        rows = [r for r in rows if r["algo"] == "grpo" or r["beta"] == lists["beta"][0]]  # DPO: no GRPO beta
+        return [("grid", r) for r in rows]
+    base = {k: v[0] for k, v in lists.items()}
+    out = [("base", base)]
+    for axis, values in lists.items():
+        if axis == "beta" and base["algo"] != "grpo":
+            continue
+        ordered = sorted(values) if axis in ("G", "refs", "res", "beta") else values
+        out += [(axis, {**base, axis: v}) for v in ordered if v != base[axis]]
+    return out
+
+
+def fmt_mb(mb: float | None) -> str:
+    return "n/a" if mb is None else f"{mb:.0f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flux-size", action="store_true", help="FLUX.1-size random weights (needs CUDA)")
+    p.add_argument("--group-sizes", type=int, nargs="+", default=None, help="G; the first is the base")
+    p.add_argument("--refs", type=int, nargs="+", default=[2, 1, 4], help="references per prompt")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None, help="target side in pixels")
+    p.add_argument("--algos", nargs="+", choices=["grpo", "dpo"], default=["grpo", "dpo"])
+    p.add_argument("--modes", nargs="+", choices=["lora", "full"], default=None)
+    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.01], help="GRPO KL weight")
+    p.add_argument("--grid", action="store_true", help="every combination, not one axis at a time")
+    p.add_argument("--prompts-per-step", type=int, default=1, help="P groups per step")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per update forward (default G)")
+    p.add_argument(
+        "--num-steps", type=int, default=None, help="K sampler steps (default 28 with --flux-size, else 4)"
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="default 64 with --flux-size, else quickstart's 8 (alpha 2x rank)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: see benchmarks/rewards.py on busy machines)",
+    )
+    args = p.parse_args()
+    if args.flux_size and not torch.cuda.is_available():
+        raise SystemExit(
+            "rl_step.py: --flux-size builds a FLUX.1-size model (12B parameters, ~24 GB in bf16) and needs a "
+            "CUDA GPU; none is available here. Run without --flux-size for the tiny model."
+        )
+    args.group_sizes = args.group_sizes or ([6, 2] if args.flux_size else [4, 2, 8])
+    args.resolutions = args.resolutions or ([512, 1024] if args.flux_size else [32, 64])
+    args.modes = args.modes or (["lora"] if args.flux_size else ["lora", "full"])
+    args.num_steps = args.num_steps or (28 if args.flux_size else 4)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the tiny builders' dtype-cast notice, once per setting
+    rows = settings(args)
+    model = "FLUX.1-size random" if args.flux_size else "tiny"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(
+        f"# one psr-rl step: {model} model, {args.num_steps} sampler steps, P={args.prompts_per_step}, "
+        f"micro-batch {args.micro_batch or 'G'}, colour reward, {device}, {torch.get_num_threads()} threads, "
+        f"{len(rows)} settings, median of {args.repeats} after 1 warm-up"
+    )
+    print(
+        f"{'varied':>6} {'G':>3} {'refs':>4} {'res':>5} {'N':>5} {'R':>5} {'algo':>4} {'mode':>4} {'beta':>5} "
+        f"{'rollout ms':>10} {'reward ms':>9} {'update ms':>9} {'step ms':>8} {'roll MB':>7} {'upd MB':>7} "
+        f"{'RSS MB':>7}"
+    )
+    for axis, setting in rows:
+        r = measure(setting, args)
+        beta = f"{r['beta']:g}" if r["algo"] == "grpo" else "-"
+        note = (
+            f"  ({r['skipped']} of {args.repeats} updates skipped: zero-variance rewards)"
+            if r["skipped"]
+            else ""
+        )
+        print(
+            f"{axis:>6} {r['G']:>3} {r['refs']:>4} {r['res']:>5} {r['N']:>5} {r['R']:>5} {r['algo']:>4} "
+            f"{r['mode']:>4} {beta:>5} {r['rollout_ms']:>10.1f} {r['reward_ms']:>9.1f} {r['update_ms']:>9.1f} "
+            f"{r['step_ms']:>8.1f} {fmt_mb(r['rollout_mb']):>7} {fmt_mb(r['update_mb']):>7} {r['rss_mb']:>7.0f}"
+            f"{note}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
