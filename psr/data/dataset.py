@@ -175,7 +175,7 @@ def tag_instruction(instruction: str, names: Sequence[str]) -> str:
 class SampleKey(NamedTuple):
     """What the SFT batch sampler yields per item: the record, the draw's seed, and its position."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the record's index (shadows tuple.index)
     seed: int
     epoch: int
     position: int  # batch position within the epoch (for resume)
@@ -233,7 +233,7 @@ class SFTDataset(torch.utils.data.Dataset):
             self.bucket_of = [0] * len(self.samples)
         else:  # header reads only; one pass at start-up
             self.bucket_of = [
-                nearest_bucket(*image_size(resolve(s.target, self.root), s.id, "target"), self.buckets)
+                nearest_bucket(*image_size(resolve(str(s.target), self.root), s.id, "target"), self.buckets)
                 for s in self.samples
             ]
 
@@ -255,7 +255,7 @@ class SFTDataset(torch.utils.data.Dataset):
         )
         subjects = [s.subjects[i] for i in order]
         h, w = self.buckets[self.bucket_of[key.index]]
-        target = resize_cover_crop(open_image(resolve(s.target, self.root), s.id, "target"), h, w)
+        target = resize_cover_crop(open_image(resolve(str(s.target), self.root), s.id, "target"), h, w)
         refs = [
             to_tensor(
                 open_image(resolve(sub.reference, self.root), s.id, f"reference of subject {sub.name!r}")

@@ -82,7 +82,7 @@ def flux_kontext_components(
 ) -> dict[str, Any]:
     """Load the components of a FLUX.1 Kontext checkpoint in diffusers layout, offline."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # type: ignore[attr-defined]
 
     root = resolve_checkpoint(path, config_key=config_key)
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
@@ -126,7 +126,9 @@ def clip_tokenizer_offline(model_max_length: int = 77) -> Any:
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(
-        vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=model_max_length
+        vocab={v: i for i, v in enumerate(vocab)},
+        merges=merges,  # type: ignore[arg-type]  # pairs are accepted
+        model_max_length=model_max_length,
     )
 
 
@@ -238,7 +240,7 @@ def save_components(components: dict[str, Any], path: str | os.PathLike) -> Path
     from diffusers import FluxKontextPipeline
 
     out = Path(path)
-    FluxKontextPipeline(**{k: components[k] for k in COMPONENTS}).save_pretrained(out)
+    FluxKontextPipeline(**{k: components[k] for k in COMPONENTS}).save_pretrained(out)  # type: ignore[attr-defined]
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ DEFAULT_TARGETS = (
 
 
 def add_lora(
-    transformer: nn.Module,
+    transformer: Any,
     *,
     rank: int = 64,
     alpha: float | None = None,
@@ -60,10 +61,10 @@ def add_lora(
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
+        lora_alpha=alpha if alpha is not None else rank,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=dropout,
         target_modules=list(matched),
-        init_lora_weights=init,
+        init_lora_weights=init,  # type: ignore[arg-type]  # checked by peft
     )
     transformer.add_adapter(config, adapter_name=adapter_name)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
@@ -101,7 +102,7 @@ def export_diffusers_lora(transformer: nn.Module, out_dir: str | os.PathLike) ->
     return out / "pytorch_lora_weights.safetensors"
 
 
-def merge_lora(transformer: nn.Module) -> nn.Module:
+def merge_lora(transformer: Any) -> Any:
     """Fold the adapter into the base weights (for export of a full model) and drop it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 

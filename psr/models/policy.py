@@ -41,12 +41,18 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
 class FlowPolicy(nn.Module):
     """The multi-reference flow model. Only the transformer (or its LoRA) is ever trained."""
 
+    # diffusers / transformers modules (typed loosely: their configs are dynamic attributes)
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+
     def __init__(
         self,
-        transformer: nn.Module,
-        vae: nn.Module,
-        text_encoder: nn.Module,
-        text_encoder_2: nn.Module,
+        transformer: Any,
+        vae: Any,
+        text_encoder: Any,
+        text_encoder_2: Any,
         tokenizer: Any,
         tokenizer_2: Any,
         scheduler: Any,

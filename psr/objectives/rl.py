@@ -91,7 +91,7 @@ class GRPOObjective:
         acc: dict[str, list[float]] = {}
         total = 0.0
         # only samples with a non-zero advantage carry signal (zero-variance groups are skipped)
-        work = []
+        work: list[tuple[Trajectory, Tensor, int, Tensor]] = []
         for traj, adv in zip(trajs, advantages, strict=True):
             idx = torch.nonzero(adv != 0).flatten()
             if len(idx):
@@ -165,7 +165,7 @@ class DPOObjective:
         """One DPO update; (t, noise) per piece from ``(seed, group id, piece, epoch)``, so the
         draws do not depend on how groups are spread over ranks."""
         acc: dict[str, list[float]] = {}
-        work = []
+        work: list[tuple[Trajectory, Tensor, int]] = []
         for traj, r in zip(trajs, rewards, strict=True):
             pairs = make_pairs(r, torch.zeros_like(r, dtype=torch.long), mode=self.pairs, margin=self.margin)
             chunks = _chunks(pairs, max(1, self.micro_batch // 2))

@@ -146,7 +146,7 @@ def load_records(data: DictConfig, run_dir: Path) -> tuple[list[Any], list[Any],
         from psr import distributed
         from psr.data.synthetic import write_synthetic_manifest
 
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             num_records=int(data.num_records),
             num_subjects=tuple(data.num_subjects),
             image_size=int(data.image_size),
@@ -202,7 +202,7 @@ def group_sampler(
         rank=engine.rank,
         world_size=engine.world_size,
         seed=seed,
-        dataset=records,
+        dataset=records,  # type: ignore[arg-type]  # indexable with len(): all GroupSampler uses
     )
 
 
@@ -282,7 +282,7 @@ def save_training_checkpoint(
 
     trainable = engine.trainable_state_dict()
     meta = model_meta(policy, "lora" if getattr(policy.transformer, "peft_config", None) else "full")
-    extra_files = {}
+    extra_files: dict[str, Any] = {}
     if export_lora:
         if meta["mode"] != "lora":
             raise ValueError("train.export_lora=true needs train.mode=lora")
