@@ -3,6 +3,7 @@
     psr-data experiment=quickstart                                 # everything, CPU, tiny models
     psr-data stage=target shard.index=3 shard.count=64 out_dir=/data/psr-syn paths.flux=/models/FLUX.1-dev
     psr-data --multirun shard.index='range(0,4)' shard.count=4     # four shards, one after another
+    torchrun --nproc_per_node 4 --no-python psr-data shard.index=auto shard.count=auto out_dir=...   # in parallel
     python -m data_pipeline.cli ...                                # the same without the console script
 
 ``stage=all`` runs the sharded stages (plan ... filter) for this shard, then ``export`` and
@@ -59,6 +60,25 @@ def filter_complete(out_dir: Path) -> tuple[bool, list[int]]:
     return not missing, missing
 
 
+def shard_from_env(index: Any, count: Any) -> Shard:
+    """``shard.index`` / ``shard.count``; ``auto`` takes them from the launcher: a Slurm array task
+    (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), a torchrun rank
+    (``RANK`` of ``WORLD_SIZE``) or an srun task (``SLURM_PROCID`` of ``SLURM_NTASKS``); else 0 of 1."""
+    if str(index) != "auto" and str(count) != "auto":
+        return Shard(int(index), int(count))
+    if str(index) != "auto" or str(count) != "auto":
+        raise ValueError(f"shard.index={index} shard.count={count}: set both to auto, or neither")
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+    if "WORLD_SIZE" in env:
+        return Shard(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_NTASKS" in env:
+        return Shard(int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"]))
+    return Shard(0, 1)
+
+
 def run_stage(stage: str, out_dir: Path, shard: Shard, cfg: Any) -> dict[str, Any]:
     """Run one stage (sharded ones on ``shard``); returns its summary."""
     import importlib
@@ -76,7 +96,7 @@ def main(cfg: Any) -> dict[str, dict[str, Any]]:
     stage = str(cfg.stage)
     if stage != "all" and stage not in ORDER:
         raise ValueError(f"stage={stage!r}; expected 'all' or one of {list(ORDER)}")
-    shard = Shard(int(cfg.shard.index), int(cfg.shard.count))
+    shard = shard_from_env(cfg.shard.index, cfg.shard.count)
     if cfg.get("num_threads"):
         import torch
 

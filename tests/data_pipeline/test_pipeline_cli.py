@@ -179,3 +179,59 @@ def test_bad_stage_and_missing_input_are_named(tmp_path):
         run(tmp_path, "stage=crops")
     with pytest.raises(SystemExit, match="stage=crop: stage 'target' has no finished shard"):
         run(tmp_path, "stage=crop")
+
+
+def test_torchrun_ranks_split_shards_into_the_same_dataset(reference_run, tmp_path):
+    """``shard.index=auto``: 2 ranks under torchrun take shards 0 and 1 of 2 in parallel; whichever
+    finishes last exports; the manifest equals the single-process one."""
+    import socket
+
+    ref, _ = reference_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks"
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [
+            str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "--no-python", str(bin_dir / "psr-data"), *QUICK,
+            "shard.index=auto", "shard.count=auto", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (out / "filter").iterdir() if p.name.startswith("shard")} == {
+        "shard-00000-of-00002",
+        "shard-00001-of-00002",
+    }
+    if not (out / "export" / "manifest.jsonl").is_file():  # both ranks finished before either saw the other
+        run(out, *QUICK, "stage=export")
+    sharded = read_manifest(out / "export" / "manifest.jsonl")
+    whole = read_manifest(ref / "export" / "manifest.jsonl")
+    key = [(s.id, s.instruction, [(x.category, x.box) for x in s.subjects]) for s in sharded]
+    assert key == [(s.id, s.instruction, [(x.category, x.box) for x in s.subjects]) for s in whole]
+
+
+def test_shard_from_env(monkeypatch):
+    from data_pipeline.cli import shard_from_env
+
+    for key in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "RANK", "WORLD_SIZE",
+                "SLURM_PROCID", "SLURM_NTASKS"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+    assert shard_from_env(3, 8) == shard_from_env("3", "8")
+    assert (shard_from_env("auto", "auto").index, shard_from_env("auto", "auto").count) == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert (shard_from_env("auto", "auto").index, shard_from_env("auto", "auto").count) == (2, 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert (shard_from_env("auto", "auto").index, shard_from_env("auto", "auto").count) == (1, 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "5")
+    assert (shard_from_env("auto", "auto").index, shard_from_env("auto", "auto").count) == (2, 5)
+    with pytest.raises(ValueError, match="shard.index=auto shard.count=3"):
+        shard_from_env("auto", 3)
