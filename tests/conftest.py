@@ -35,3 +35,13 @@ def tiny_policy():
     from psr.models.builders import tiny_flux_kontext
 
     return tiny_flux_kontext(seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA; without it they are skipped with that reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

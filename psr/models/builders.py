@@ -78,9 +78,13 @@ def flux_kontext_components(
     dtype: str | torch.dtype = "bfloat16",
     text_encoder_dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    text_encoder_device: str | torch.device | None = None,
     config_key: str = "model.path",
 ) -> dict[str, Any]:
-    """Load the components of a FLUX.1 Kontext checkpoint in diffusers layout, offline."""
+    """Load the components of a FLUX.1 Kontext checkpoint in diffusers layout, offline.
+
+    ``text_encoder_device`` (default: ``device``) places CLIP and T5 elsewhere, e.g. ``cpu`` to keep
+    T5-XXL's ~9 GiB off the GPU: prompts are encoded once per prompt and cached, then moved."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # type: ignore[attr-defined]
 
@@ -110,7 +114,8 @@ def flux_kontext_components(
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", **kw),
     }
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        comps[name].to(device).requires_grad_(False).eval()
+        where = text_encoder_device if name.startswith("text_encoder") and text_encoder_device else device
+        comps[name].to(where).requires_grad_(False).eval()
     return comps
 
 
@@ -255,6 +260,7 @@ def flux_kontext(
     guidance: float | None = 2.5,
     max_sequence_length: int = 512,
     gradient_checkpointing: bool = False,
+    text_encoder_device: str | torch.device | None = None,
 ) -> FlowPolicy:
     """FLUX.1 Kontext-dev (or any checkpoint in its layout) as a multi-reference policy.
 
@@ -264,8 +270,15 @@ def flux_kontext(
         position_scheme: ``framewise`` (PSR), ``uno`` (diagonal offsets) or ``kontext`` (all index 1).
         reference_max_area: pixel-area budget per reference; None = the target's area.
         guidance: distilled guidance scale (Kontext-dev's default 2.5).
+        text_encoder_device: where CLIP and T5 run (default ``device``; ``cpu`` saves GPU memory).
     """
-    comps = flux_kontext_components(path, dtype=dtype, text_encoder_dtype=text_encoder_dtype, device=device)
+    comps = flux_kontext_components(
+        path,
+        dtype=dtype,
+        text_encoder_dtype=text_encoder_dtype,
+        device=device,
+        text_encoder_device=text_encoder_device,
+    )
     return FlowPolicy(
         **comps,
         position_scheme=position_scheme,

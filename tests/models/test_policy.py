@@ -150,3 +150,15 @@ def test_prompt_embeddings_are_cached(tiny_policy, monkeypatch):
 def test_target_size_must_be_multiple_of_16(tiny_policy):
     with pytest.raises(ValueError, match="multiple of 16"):
         tiny_policy.condition(PROMPT, [], 60, 64)
+
+
+@pytest.mark.gpu
+def test_text_encoders_on_cpu_transformer_on_gpu(tiny_checkpoint):
+    policy = flux_kontext(
+        tiny_checkpoint, dtype="bfloat16", device="cuda", text_encoder_device="cpu", max_sequence_length=32
+    )
+    assert policy.device.type == "cuda" and policy.text_encoder_2.device.type == "cpu"
+    cond = policy.condition(PROMPT, [_ref(1)], H, W)
+    assert cond.prompt_embeds.device.type == "cuda"
+    traj = rollout(policy, cond, 2, num_steps=2, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.isfinite(traj.log_probs).all()
