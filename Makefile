@@ -44,3 +44,11 @@ bench:  ## print the benchmark tables (tiny models on CPU; FLUX-size with --flux
 
 clean:  ## remove run outputs and caches
 	rm -rf runs outputs multirun .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: slurm-up slurm-down
+slurm-up:  ## install (apt) and start a one-node Slurm cluster on loopback, for tests/slurm (root)
+	bash scripts/slurm_local.sh install
+	bash scripts/slurm_local.sh start
+
+slurm-down:  ## stop the local Slurm cluster
+	bash scripts/slurm_local.sh stop

@@ -376,13 +376,16 @@ class PreemptionHandler:
 
     def poll(self, reduce_max: Callable[[float], float] | None = None) -> bool:
         """Whether any rank was signalled (collective when distributed): call once per step, at the
-        same point on every rank, so all ranks save and stop at the same step."""
+        same point on every rank, so all ranks save and stop at the same step. Ranks also agree on
+        which signal: SIGUSR1 (asks for a requeue) wins over SIGTERM (asks to stop)."""
         from psr.distributed import all_reduce_max
 
         reduce = reduce_max or all_reduce_max
-        self._agreed = bool(reduce(1.0 if self.signal_name is not None else 0.0))
-        if self._agreed and self.signal_name is None:
-            self.signal_name = "peer signal"
+        code = {None: 0.0, "SIGTERM": 1.0, "SIGUSR1": 2.0}.get(self.signal_name, 1.0)
+        agreed = reduce(code)
+        self._agreed = agreed > 0
+        if self._agreed and self.signal_name != "SIGUSR1":
+            self.signal_name = "SIGUSR1" if agreed >= 2 else (self.signal_name or "SIGTERM")
         return self._agreed
 
     def exit(self, message: str, rank: int | None = None) -> None:
@@ -393,6 +396,8 @@ class PreemptionHandler:
 
             rank = current_rank()
         print(message, file=sys.stderr, flush=True)
-        if self.requeue and rank == 0 and os.environ.get("SLURM_JOB_ID"):
+        # only SIGUSR1 (what the sbatch templates ask for before the time limit) requeues: SIGTERM
+        # comes from scancel (stop) or from Slurm's own preemption/requeue, which requeues by itself
+        if self.requeue and self.signal_name == "SIGUSR1" and rank == 0 and os.environ.get("SLURM_JOB_ID"):
             requeue_slurm_job()
             print(f"requeued Slurm job {os.environ['SLURM_JOB_ID']}", file=sys.stderr, flush=True)

@@ -67,9 +67,13 @@ def env_info() -> DistInfo:
     if os.environ.get("RANK") not in (None, ""):
         rank_, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         local = _env_int("LOCAL_RANK")
-    else:
+    elif os.environ.get("SLURM_STEP_ID") not in (None, ""):
+        # a task of an srun step; the batch shell (and salloc) also has SLURM_PROCID / SLURM_NTASKS
+        # but is one process, so without a step id they are not ranks
         rank_, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID")
+    else:
+        rank_, world, local = None, None, None
     rank_ = 0 if rank_ is None else rank_
     world = 1 if world is None else world
     local = rank_ if local is None else local

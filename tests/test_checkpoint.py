@@ -201,8 +201,12 @@ def test_sigusr1_sets_the_flag_and_handlers_are_restored() -> None:
 
 def test_poll_agrees_when_only_a_peer_was_signalled() -> None:
     with ckpt.PreemptionHandler(install=False) as handler:
-        assert handler.poll(lambda v: max(v, 1.0))  # what all_reduce_max returns when another rank got it
-        assert handler.triggered and handler.signal_name == "peer signal"
+        assert handler.poll(lambda v: max(v, 1.0))  # what all_reduce_max returns when a peer got SIGTERM
+        assert handler.triggered and handler.signal_name == "SIGTERM"
+    with ckpt.PreemptionHandler(install=False) as handler:
+        handler.signal_name = "SIGTERM"
+        assert handler.poll(lambda v: max(v, 2.0))  # a peer got SIGUSR1: the requeue request wins
+        assert handler.signal_name == "SIGUSR1"
 
 
 def test_exit_requeues_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +217,10 @@ def test_exit_requeues_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     handler = ckpt.PreemptionHandler(requeue=True, install=False)
+    handler.signal_name = "SIGTERM"  # scancel, or Slurm's own preemption (which requeues by itself)
+    handler.exit("stopping", rank=0)
+    assert not log.exists()
+    handler.signal_name = "SIGUSR1"  # the sbatch templates' --signal=USR1@120 before the time limit
     handler.exit("stopping", rank=1)  # only rank 0 requeues
     assert not log.exists()
     handler.exit("stopping", rank=0)
@@ -220,3 +228,23 @@ def test_exit_requeues_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyP
     fake.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
     with pytest.raises(RuntimeError, match="--requeue"):
         handler.exit("stopping", rank=0)
+
+
+def test_env_info_reads_srun_tasks_but_not_the_batch_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sbatch --ntasks=2`` gives its batch shell SLURM_PROCID=0 SLURM_NTASKS=2 without a step id:
+    one process, not rank 0 of 2. Tasks of an ``srun`` step have SLURM_STEP_ID."""
+    from psr.distributed import env_info
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert (env_info().rank, env_info().world_size) == (0, 1)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert (env_info().rank, env_info().world_size, env_info().local_rank) == (1, 2, 1)
+    monkeypatch.setenv("RANK", "3")  # torchrun's variables win
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (env_info().rank, env_info().world_size) == (3, 4)
