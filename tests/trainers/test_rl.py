@@ -425,3 +425,55 @@ def test_init_from_survives_resume(quickstart_run, tmp_path):
         torch.testing.assert_close(got, expected.velocity(x, 0.4, cond), rtol=1e-5, atol=1e-6)
     finally:
         trainer.cleanup()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_a_rank_without_work_still_runs_the_collective_steps(tmp_path, monkeypatch, algo):
+    """When another rank has work and this one has none (all its groups had zero variance), this
+    rank must still run as many forwards (ZeRO-3 gathers in each) and exactly the optimizer steps
+    the others do, with zero weight, so no collective waits forever. Simulated: the all-reduce of
+    the piece count returns 3 (what a busier peer would make it)."""
+    from psr.objectives import rl as objectives
+
+    trainer = trainer_for(tmp_path, f"algo={algo}", "train.inner_epochs=2")
+    try:
+        records = trainer.sampler.next_batch()
+        trajs = trainer.rollout(records, 0)
+        zeros = [torch.zeros(t.batch_size) for t in trajs]
+        if algo == "dpo":  # equal rewards: pairs need a gap above the margin, so none are made
+            trainer.objective.margin = 0.5
+        # the piece count comes in as an int, the "some rank saw a non-finite loss" flag as a bool
+        monkeypatch.setattr(
+            objectives, "_reduce_max", lambda v: float(v) if isinstance(v, bool) else max(v, 3.0)
+        )
+        monkeypatch.setattr(objectives, "_reduce_mean", lambda v: float(v) + 2.0)  # the peer's samples
+        calls = {"forward": 0, "step": 0}
+        velocity = trainer.policy.velocity
+
+        def counted(*args, **kwargs):
+            calls["forward"] += 1
+            return velocity(*args, **kwargs)
+
+        monkeypatch.setattr(trainer.policy, "velocity", counted)
+        step = trainer.engine.step
+
+        def counted_step():
+            calls["step"] += 1
+            return step()
+
+        monkeypatch.setattr(trainer.engine, "step", counted_step)
+        before = {
+            n: p.detach().clone() for n, p in trainer.policy.transformer.named_parameters() if p.requires_grad
+        }
+        trainer.policy.train()
+        loss, m = trainer.objective.update(trainer.policy, trainer.engine, trajs, zeros)
+        per_piece = (
+            1 if algo == "grpo" else 2 * trainer.objective.timesteps_per_pair
+        )  # DPO: policy + reference
+        assert calls == {"forward": 2 * 3 * per_piece, "step": 2}  # 2 inner epochs x 3 padded pieces
+        assert loss == 0.0 and "train/skipped_update" not in m
+        for n, p in trainer.policy.transformer.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p, before[n], rtol=0, atol=0)  # zero-weight pieces move nothing
+    finally:
+        trainer.cleanup()

@@ -4,6 +4,10 @@ Each rank rolls out its own prompt groups; rewards are gathered so advantages ar
 batch; gradients are averaged by the engine. With the same seeds, 2 processes x 1 group must give the
 metrics and weights of 1 process x 2 groups, and a checkpoint written by 2 processes must resume on 1.
 Tolerances: gradients are averaged by an all-reduce instead of summed in one process (~1e-8).
+Adam's first updates divide each gradient element by its own magnitude, so an element near zero can
+turn that rounding into a weight difference of up to ~1e-5 of lr; DPO's beta (2000) then scales
+error differences into the loss: measured 3e-6 in weights and 1e-4 relative in the step-3 loss for
+DPO, below 1e-6 and 1e-6 for GRPO.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,29 +89,36 @@ def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rl_ddp")
+TOL = {"grpo": {"rel": 1e-5, "weights": 1e-6}, "dpo": {"rel": 5e-4, "weights": 2e-5}}
+
+
+@pytest.fixture(scope="module", params=["grpo", "dpo"])
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    algo = f"algo={request.param}"
+    root = tmp_path_factory.mktemp(f"rl_ddp_{request.param}")
     one, two = root / "one", root / "two"
-    _run(one, 1, "train.prompts_per_step=2", "train.steps=3")
-    _run(two, 2, "train.prompts_per_step=1", "train.steps=2")
+    _run(one, 1, algo, "train.prompts_per_step=2", "train.steps=3")
+    _run(two, 2, algo, "train.prompts_per_step=1", "train.steps=2")
     # the 2-process checkpoint of step 2, resumed by 1 process holding the whole batch
-    _run(two, 1, "train.prompts_per_step=2", "train.steps=3")
-    return {"one": one, "two": two}
+    _run(two, 1, algo, "train.prompts_per_step=2", "train.steps=3")
+    return {"one": one, "two": two, "algo": request.param}
 
 
-def test_two_processes_match_one_and_resume_on_one(runs: dict[str, Path]) -> None:
+def test_two_processes_match_one_and_resume_on_one(runs: dict[str, Any]) -> None:
+    tol = TOL[runs["algo"]]
     one, two = _metrics(runs["one"]), _metrics(runs["two"])
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):  # 1, 2: two processes; 3: resumed on one process
         for key in KEYS:
-            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+            if key not in one[step]:  # e.g. ratios: GRPO only
+                continue
+            assert two[step][key] == pytest.approx(one[step][key], rel=tol["rel"], abs=1e-7), (step, key)
     for step in (2, 3):
         a = load_file(str(runs["one"] / "checkpoints" / f"step_{step:08d}" / "trainable.safetensors"))
         b = load_file(str(runs["two"] / "checkpoints" / f"step_{step:08d}" / "trainable.safetensors"))
         assert a.keys() == b.keys()
         for name, t in a.items():
-            torch.testing.assert_close(b[name], t, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b[name], t, rtol=1e-5, atol=tol["weights"])
     # the weights did move: the comparison is not between two untouched models
     first = load_file(str(runs["one"] / "checkpoints" / "step_00000002" / "trainable.safetensors"))
     assert any(float(t.abs().max()) > 0 for n, t in first.items() if "lora_B" in n)
