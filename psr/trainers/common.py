@@ -437,13 +437,16 @@ def reward_inputs(records: Sequence[Any]) -> Any:
 
 
 def reward_metrics(scores: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``{"reward/<key>": mean over samples where it applies}`` (NaN = does not apply) and the
-    fraction of samples where the combined score applies."""
+    """``{"reward/<key>": mean over samples where it applies}`` (NaN = does not apply), the std of
+    the combined and of each component score (``reward/score_std``, ``reward/<name>/score_std``),
+    and the fraction of samples where the combined score applies."""
     out = {}
     for k, v in scores.items():
         v = v.detach().float()
         ok = ~torch.isnan(v)
         out[f"reward/{k}"] = float(v[ok].mean()) if bool(ok.any()) else float("nan")
+        if k == "score" or k.endswith("/score"):
+            out[f"reward/{k}_std"] = float(v[ok].std(unbiased=False)) if bool(ok.any()) else float("nan")
     if "score" in scores:
         out["reward/applies_frac"] = float((~torch.isnan(scores["score"].float())).float().mean())
     return out

@@ -92,7 +92,8 @@ class RLTrainer:
         needs_reference = algo.name == "dpo" or float(algo.get("beta", 0.0)) > 0
         self.policy, params = common.build_policy(cfg, self.engine.device, reference=needs_reference)
         self.engine.setup(self.policy.transformer, params, **common.optim_kwargs(cfg, self.total_steps))
-        self.reward = common.build_reward(cfg, self.engine.device)
+        reward_device = cfg.get("reward_device") or self.engine.device
+        self.reward = common.build_reward(cfg, reward_device)
         self.objective = self._build_objective(cfg.algo)
         self.records, self.heldout = common.build_prompt_records(cfg, self.run_dir)
         self.sampler = common.group_sampler(self.records, self.prompts_per_step, self.engine, self.seed)

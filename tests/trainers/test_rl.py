@@ -344,6 +344,7 @@ def test_quickstart_telemetry_grids_and_checkpoints(quickstart_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for key in (
         "reward/score",
+        "reward/score_std",
         "adv/mean",
         "adv/std",
         "adv/zero_var_frac",
