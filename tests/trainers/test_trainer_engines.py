@@ -1,4 +1,4 @@
-"""psr-rl under each engine (torch, DeepSpeed ZeRO-2, ZeRO-3; one CPU process, fp32): the same
+"""psr-rl and psr-sft under each engine (torch, DeepSpeed ZeRO-2, ZeRO-3; one CPU process, fp32): the same
 rollouts, losses, gradient norms and held-out rewards, with LoRA and with full fine-tuning.
 
 ZeRO-3 partitions parameters and gathers them for every forward (rollout, log-probs, evaluation);
@@ -57,3 +57,33 @@ def test_deepspeed_engines_reproduce_the_torch_engine(tmp_path, mode, engines):
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-8), (engine, key)
+
+
+def test_sft_under_zero3_reproduces_the_torch_engine(tmp_path):
+    """The same check for psr-sft (validation loss included: it runs under the gathered weights)."""
+
+    def run(run_dir: Path, engine: str) -> dict[tuple[int, str], float]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))
+        }
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+        cmd = [
+            str(BIN / "psr-sft"), "experiment=sft_quickstart", "data=synthetic", "train.steps=4",
+            "validation.every=2", f"engine={engine}", "engine.precision=fp32", f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        out = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            out.update({(rec["step"], k): rec[k] for k in ("train/loss", "val/loss") if k in rec})
+        return out
+
+    expected = run(tmp_path / "torch", "torch")
+    assert len(expected) == 4 + 3  # 4 training steps, validation at 0, 2, 4
+    got = run(tmp_path / "zero3", "ds_zero3")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
