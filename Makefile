@@ -22,7 +22,7 @@ install: $(BIN)/python  ## create .venv/ with psr and everything the tests need 
 	$(BIN)/pip install -q -e ".[dev]"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[deepspeed]"
 
-demo:  ## the embedded tiny default end to end on CPU: psr-data -> psr-sft -> psr-rl (a few minutes)
+demo:  ## the embedded tiny default end to end on CPU: psr-data -> psr-sft -> psr-rl -> psr-eval (~1 min)
 	bash scripts/quickstart.sh runs/quickstart
 
 test:  ## the test suite (CPU; what CI runs)
