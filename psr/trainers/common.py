@@ -274,7 +274,7 @@ def save_training_checkpoint(
     """Full training state at ``step`` (collective): weights, optimizer, schedule, EMA, RNG, data position.
 
     ``training_state`` holds ``{"engine": engine.state_dict(), "trainer": extra, "model":
-    model_meta}``. With ``export_lora`` a ``lora/pytorch_lora_weights.safetensors`` in diffusers
+    model_meta}``. With ``export_lora`` (LoRA runs only) a ``lora/pytorch_lora_weights.safetensors`` in diffusers
     format is written next to it, from the EMA weights when the engine keeps an EMA (what inference
     should use), else from the live weights.
     """
@@ -283,9 +283,7 @@ def save_training_checkpoint(
     trainable = engine.trainable_state_dict()
     meta = model_meta(policy, "lora" if getattr(policy.transformer, "peft_config", None) else "full")
     extra_files: dict[str, Any] = {}
-    if export_lora:
-        if meta["mode"] != "lora":
-            raise ValueError("train.export_lora=true needs train.mode=lora")
+    if export_lora and meta["mode"] == "lora":  # full weights are in trainable.safetensors already
         ema = getattr(engine, "ema", None)
         layers = diffusers_lora_layers(ema.shadow if ema is not None else trainable)
 
