@@ -478,3 +478,26 @@ def test_a_rank_without_work_still_runs_the_collective_steps(tmp_path, monkeypat
                 torch.testing.assert_close(p, before[n], rtol=0, atol=0)  # zero-weight pieces move nothing
     finally:
         trainer.cleanup()
+
+
+def test_full_fine_tuning_checkpoints_and_init_from(tmp_path):
+    """train.mode=full with the default export_lora: checkpoints hold the full weights (no LoRA
+    export), and init_from of that run loads them as the base of the next run."""
+    from psr.models.builders import tiny_flux_kontext
+    from psr.trainers.common import load_initial_weights
+    from psr.trainers.rl import main
+
+    main(compose(tmp_path / "full", "train.mode=full", "train.export_lora=true", "train.steps=2"))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file() and not (ckpt / "lora").exists()
+    trained = tiny_flux_kontext(seed=0)
+    load_initial_weights(trained, tmp_path / "full")
+    untouched = tiny_flux_kontext(seed=0)
+    moved = [
+        n
+        for (n, a), b in zip(
+            trained.transformer.named_parameters(), untouched.transformer.parameters(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert moved  # the full checkpoint changed the base weights
