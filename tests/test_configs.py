@@ -96,3 +96,24 @@ def test_rl_trains_from_a_saved_checkpoint_through_the_user_path(tiny_checkpoint
     finally:
         saved.cleanup()
         tiny.cleanup()
+
+
+def test_build_reward_places_every_nested_model_on_the_device():
+    """A PSR reward's detector and embedder, and a weighted reward's components, all go where the
+    trainer says (reward_device or the engine's device), not where the YAML's default put them."""
+    from omegaconf import OmegaConf
+
+    from psr.trainers.common import build_reward
+
+    node = OmegaConf.create(
+        {
+            "_target_": "builtins.dict",
+            "psr": {"_target_": "builtins.dict", "detector": {"_target_": "builtins.dict", "device": "cpu"}},
+            "text": {"_target_": "builtins.dict", "device": "cpu", "scale": 1.0},
+        }
+    )
+    built = build_reward(node, "cuda:1")
+    assert built["psr"]["detector"]["device"] == "cuda:1" and built["text"]["device"] == "cuda:1"
+    assert node.text.device == "cpu"  # the config itself is unchanged
+    cfg = compose("rl", "reward=tiny_psr")
+    assert build_reward(cfg, "cpu") is not None  # the real tiny PSR reward builds through the same path

@@ -414,16 +414,21 @@ def load_initial_weights(policy: Any, path: str | os.PathLike, *, use_ema: bool 
 def build_reward(node: DictConfig, device: torch.device | str) -> Any:
     """Instantiate a reward node (``_target_``; or a root config, whose ``reward`` node is used).
 
-    A top-level ``device`` key of the node is set to ``device``.
+    Every ``device`` key in the node's tree (a weighted reward's components, a PSR reward's detector
+    and embedder) is set to ``device``, on a copy: the run's config is left as written.
     """
+    import copy
+
     from hydra.utils import instantiate
+
+    from rewards.cli import set_everywhere
 
     if "_target_" not in node and "reward" in node:
         node = node.reward
     if "_target_" not in node:
         raise ValueError(f"a reward config needs _target_ (conf/reward/*.yaml); got keys {sorted(node)}")
-    if "device" in node:
-        return instantiate(node, device=str(device))
+    node = copy.deepcopy(node)
+    set_everywhere(node, "device", str(device))
     return instantiate(node)
 
 
