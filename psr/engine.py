@@ -150,6 +150,20 @@ def _check_names(kind: str, expected: Sequence[str], got: Sequence[str]) -> None
         )
 
 
+def _check_shapes(kind: str, params: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Every tensor has its parameter's full shape (ZeRO-3 parameters report it as ``ds_shape``)."""
+    bad = [
+        f"{n}: checkpoint {tuple(tensors[n].shape)} vs model {tuple(getattr(p, 'ds_shape', p.shape))}"
+        for n, p in params.items()
+        if tuple(tensors[n].shape) != tuple(getattr(p, "ds_shape", p.shape))
+    ]
+    if bad:
+        raise ValueError(
+            f"{kind}: {len(bad)} shape(s) differ, e.g. {bad[0]}; check train.lora.rank / train.lora.targets "
+            "/ train.mode against the run being resumed"
+        )
+
+
 class EMA:
     """Exponential moving average of the trainable weights, in fp32.
 
@@ -425,6 +439,7 @@ class TorchEngine(_Shared):
     def load_trainable_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Set the trainable weights (every name must match); the EMA restarts from them."""
         _check_names("trainable weights", list(self._params), list(tensors))
+        _check_shapes("trainable weights", self._params, tensors)
         for n, p in self._params.items():
             p.copy_(tensors[n])
         if self.ema is not None:
@@ -700,6 +715,7 @@ class DeepSpeedEngine(_Shared):
         from deepspeed.utils import safe_set_full_fp32_param
 
         _check_names("trainable weights", list(self._params), list(tensors))
+        _check_shapes("trainable weights", self._params, tensors)
         for n, p in self._params.items():
             safe_set_full_fp32_param(p, tensors[n].to(self.device, torch.float32))
         with self._module_params(modify=True):

@@ -129,12 +129,14 @@ class GRPOObjective:
                 loss, m = grpo_step_loss(
                     out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
                 )
-                if not torch.isfinite(loss) or not torch.isfinite(out.log_prob).all():
+                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(out.log_prob).all())
+                if not finite:
                     bad = bad or f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
-                    continue  # no backward; the other pieces still run their forwards
-                # weight by the share of samples so the accumulated gradient is the mean over all pieces
+                # weight by the share of samples so the accumulated gradient is the mean over all pieces.
+                # The backward runs even for a non-finite loss: ZeRO-2/3 communicate inside backward, so
+                # every rank must make the same calls; the agreed flag below then drops the update.
                 engine.backward(loss * (weight * len(mb) / n_samples))
-                if weight:
+                if weight and finite:
                     total += float(loss.detach()) * len(mb) / n_samples
                     for key, v in m.items():
                         acc.setdefault(key, []).append(float(v))
@@ -167,7 +169,9 @@ class DPOObjective:
         acc: dict[str, list[float]] = {}
         work: list[tuple[Trajectory, Tensor, int]] = []
         for traj, r in zip(trajs, rewards, strict=True):
-            pairs = make_pairs(r, torch.zeros_like(r, dtype=torch.long), mode=self.pairs, margin=self.margin)
+            ok = torch.nonzero(~torch.isnan(r)).flatten()  # NaN: the reward does not apply; never paired
+            pairs = make_pairs(r[ok], torch.zeros_like(ok), mode=self.pairs, margin=self.margin)
+            pairs = ok[pairs] if len(pairs) else pairs
             chunks = _chunks(pairs, max(1, self.micro_batch // 2))
             work.extend((traj, p, j) for j, p in enumerate(chunks))
         n_pieces = int(_reduce_max(len(work)))  # ranks agree on the number of forwards and steps
@@ -188,13 +192,13 @@ class DPOObjective:
                 gen = torch.Generator().manual_seed(derive_seed(seed, int(traj.group_ids[0]), j, epoch))
                 for _ in range(self.timesteps_per_pair):
                     loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
-                    if not torch.isfinite(loss):
+                    finite = bool(torch.isfinite(loss))
+                    if not finite:
                         bad = (
                             bad or f"DPO pairs of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
                         )
-                        continue
-                    engine.backward(loss * (weight * len(pairs) / n_pairs))
-                    if weight:
+                    engine.backward(loss * (weight * len(pairs) / n_pairs))  # always: see GRPO
+                    if weight and finite:
                         total += float(loss.detach()) * len(pairs) / n_pairs
                         for key, v in m.items():
                             acc.setdefault(key, []).append(float(v))

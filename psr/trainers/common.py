@@ -96,7 +96,8 @@ def build_policy(
     if cfg.get("init_from"):
         # before adapters and engine: the base weights of every later run (resumed ones too) and the
         # reference policy are the init_from model
-        load_initial_weights(policy, str(cfg.init_from))
+        # recorded in this run's checkpoints: a LoRA here is a delta on top of that model
+        policy.init_from = str(load_initial_weights(policy, str(cfg.init_from)))
     mode = str(cfg.train.mode)
     if mode == "lora":
         lora = cfg.train.lora
@@ -241,7 +242,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, rank: int) -> MetricLogger:
 
 def model_meta(policy: Any, mode: str) -> dict[str, Any]:
     """What :func:`load_initial_weights` needs to read the trainable weights of a checkpoint."""
-    meta: dict[str, Any] = {"mode": mode}
+    meta: dict[str, Any] = {"mode": mode, "init_from": getattr(policy, "init_from", None)}
     if mode == "lora":
         cfg = policy.transformer.peft_config["default"]
         meta["lora"] = {
@@ -325,8 +326,11 @@ def load_training_checkpoint(path: Path, policy: Any, engine: Any) -> dict[str, 
     from psr import checkpoint as ckpt
 
     state = ckpt.load_checkpoint(path, rank=engine.rank)
-    engine.load_trainable_state_dict(state["trainable"])
-    engine.load_state_dict(state["training_state"]["engine"])
+    try:
+        engine.load_trainable_state_dict(state["trainable"])
+        engine.load_state_dict(state["training_state"]["engine"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise type(err)(f"resuming from {path}: {err}") from err
     if state["rng"] is not None:
         ckpt.restore_rng(state["rng"])
     return {"step": state["step"], "data": state["data_state"], **state["training_state"].get("trainer", {})}
@@ -347,7 +351,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 @torch.no_grad()
-def load_initial_weights(policy: Any, path: str | os.PathLike, *, use_ema: bool = True) -> Path:
+def load_initial_weights(
+    policy: Any, path: str | os.PathLike, *, use_ema: bool = True, _depth: int = 0
+) -> Path:
     """Start ``policy`` from the weights of an SFT (or RL) checkpoint; what ``init_from=`` does.
 
     ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint). A LoRA
@@ -355,7 +361,8 @@ def load_initial_weights(policy: Any, path: str | os.PathLike, *, use_ema: bool 
     checkpoint replaces them. Adapters already on ``policy`` (e.g. the fresh RL LoRA) are left
     as they are, so the adapted model starts equal to the checkpoint's model and the
     adapters-disabled reference policy is that model too. With ``use_ema`` the checkpoint's EMA
-    weights are used when it has them.
+    weights are used when it has them. A LoRA run that itself started from ``init_from`` (RL on
+    an SFT run) recorded it: that model is loaded first, then this run's delta.
 
     Returns:
         The checkpoint directory that was read.
@@ -371,6 +378,11 @@ def load_initial_weights(policy: Any, path: str | os.PathLike, *, use_ema: bool 
     if use_ema and ema is not None:
         weights = ema["shadow"]
     meta = state.get("model") or {}
+    if meta.get("mode") == "lora" and meta.get("init_from"):
+        # this run's LoRA is a delta on the model it started from (e.g. RL on SFT): that one first
+        if _depth >= 8:
+            raise ValueError(f"{ckpt_dir}: init_from chain longer than 8 checkpoints (a cycle?)")
+        load_initial_weights(policy, meta["init_from"], use_ema=use_ema, _depth=_depth + 1)
     transformer = policy.transformer
     base = {
         k.replace(".base_layer.", "."): v

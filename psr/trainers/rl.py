@@ -62,7 +62,7 @@ class RLTrainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = common.resolve_run_dir(cfg)
         self.seed = int(cfg.seed)
         t = cfg.train
         self.total_steps = int(t.steps)
@@ -208,19 +208,23 @@ class RLTrainer:
             if len(components) > 1
             else scores["score"]
         )
-        rewards = torch.nan_to_num(rewards, nan=0.0)
+        # NaN: no reward applies to the sample (e.g. a spatial reward for a prompt without a relation):
+        # it gets advantage 0 and no DPO pair, and does not enter any group statistic
+        valid = ~torch.isnan(rewards)
         seed = common.derive_seed(self.seed, self.step)
         sizes = [t.batch_size for t in trajs]
         if isinstance(self.objective, GRPOObjective):
             adv_cfg = self.cfg.advantage
-            advantages, adv_metrics = group_advantages(
-                rewards,
-                group_ids,
-                global_std=bool(adv_cfg.global_std),
-                eps=float(adv_cfg.eps),
-                clip=float(adv_cfg.clip),
-            )
-            metrics.update(adv_metrics)
+            advantages = torch.zeros_like(rewards)
+            if bool(valid.any()):
+                advantages[valid], adv_metrics = group_advantages(
+                    rewards[valid],
+                    group_ids[valid],
+                    global_std=bool(adv_cfg.global_std),
+                    eps=float(adv_cfg.eps),
+                    clip=float(adv_cfg.clip),
+                )
+                metrics.update(adv_metrics)
             self.policy.train()
             loss, obj_metrics = self.objective.update(
                 self.policy, self.engine, trajs, list(advantages[mine].split(sizes)), seed=seed

@@ -501,3 +501,98 @@ def test_full_fine_tuning_checkpoints_and_init_from(tmp_path):
         if not torch.equal(a, b)
     ]
     assert moved  # the full checkpoint changed the base weights
+
+
+def test_a_checkpoint_of_a_run_started_from_init_from_rebuilds_the_whole_chain(quickstart_run, tmp_path):
+    """RL on top of an earlier run: its LoRA is a delta on that model, and loading the RL checkpoint
+    (psr-eval checkpoint=..., init_from=...) applies the earlier run first, then the delta."""
+    from psr.models.builders import tiny_flux_kontext
+    from psr.trainers.common import load_initial_weights
+    from psr.trainers.rl import RLTrainer
+
+    _, source = quickstart_run
+    cfg = compose(tmp_path, f"init_from={source}", "train.steps=2", "train.lora.init=false")
+    trainer = RLTrainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+        cond = trainer.policy.condition("the red disc", [torch.rand(3, 32, 32)], 32, 32)
+        x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
+        expected = trainer.policy.velocity(x, 0.4, cond)  # base + source's LoRA merged + this LoRA
+    finally:
+        trainer.cleanup()
+    rebuilt = tiny_flux_kontext(seed=0)
+    load_initial_weights(rebuilt, tmp_path)
+    torch.testing.assert_close(rebuilt.velocity(x, 0.4, cond), expected, rtol=1e-4, atol=1e-5)
+    only_delta = tiny_flux_kontext(seed=0)  # what loading the delta alone would give: not the model
+    assert not torch.allclose(expected, _velocity_with_delta_only(only_delta, tmp_path, x, cond), atol=1e-4)
+
+
+def _velocity_with_delta_only(policy, run_dir, x, cond):
+    """The run's LoRA weights on the untrained base (rank 8 / alpha 16 as in experiment=quickstart)."""
+    from safetensors.torch import load_file
+
+    from psr.models.lora import add_lora
+
+    ckpt = max((run_dir / "checkpoints").glob("step_*"))
+    add_lora(policy.transformer, rank=8, alpha=16)
+    missing, unexpected = policy.transformer.load_state_dict(
+        load_file(str(ckpt / "trainable.safetensors")), strict=False
+    )
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    return policy.velocity(x, 0.4, cond)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_nan_rewards_get_no_advantage_and_no_pair(tmp_path, monkeypatch, algo):
+    """NaN means "no reward applies to this sample": advantage 0 and out of the group statistics
+    (GRPO), never a winner or loser (DPO); not a reward of 0."""
+    trainer = trainer_for(
+        tmp_path, f"algo={algo}", "algo.pairs=all_pairs" if algo == "dpo" else "algo.beta=0"
+    )
+    try:
+        records = trainer.sampler.next_batch()
+        trajs = trainer.rollout(records, 0)
+        seen = {}
+        update = trainer.objective.update
+
+        def spy(policy, engine, trajs_, values, seed=0):
+            seen["values"] = [v.clone() for v in values]
+            return update(policy, engine, trajs_, values, seed=seed)
+
+        if algo == "dpo":
+            pair_loss = trainer.objective._pair_loss
+            seen["pairs"] = []
+
+            def record(policy, engine, traj, pairs, gen):
+                if int(traj.group_ids[0]) == int(trajs[0].group_ids[0]):
+                    seen["pairs"].append(pairs.clone())
+                return pair_loss(policy, engine, traj, pairs, gen)
+
+            monkeypatch.setattr(trainer.objective, "_pair_loss", record)
+        monkeypatch.setattr(trainer.objective, "update", spy)
+        score = torch.tensor([0.8, 0.9, float("nan"), 0.85, 0.1, 0.4, 0.3, 0.2])
+        trainer.update(trajs, {"score": score})
+        first = seen["values"][0]
+        if algo == "grpo":
+            assert first[2] == 0.0
+            valid = torch.tensor([0.8, 0.9, 0.85])
+            std = torch.tensor([0.8, 0.9, 0.85, 0.1, 0.4, 0.3, 0.2]).std(
+                unbiased=False
+            )  # global std, NaN out
+            expected = (valid - valid.mean()) / (std + 1e-4)
+            torch.testing.assert_close(first[[0, 1, 3]], expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.isnan(first[2])  # passed through; the objective leaves it out of every pair
+            used = torch.cat(seen["pairs"]).flatten().tolist()
+            assert used and 2 not in used and {0, 1, 3} <= set(used)
+    finally:
+        trainer.cleanup()
+
+
+def test_resuming_with_another_lora_rank_names_the_checkpoint_and_the_key(tmp_path):
+    from psr.trainers.rl import main
+
+    main(compose(tmp_path, "train.steps=2"))
+    with pytest.raises(ValueError, match=r"resuming from .*step_00000002.*shape.*train\.lora\.rank"):
+        trainer_for(tmp_path, "train.steps=3", "train.lora.rank=4")
