@@ -21,7 +21,7 @@ def load_image(path: str | os.PathLike) -> tuple[Image.Image | None, str | None]
             return im.convert("RGB"), None
     except FileNotFoundError:
         return None, f"missing image {p}"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return None, f"unreadable image {p} ({type(err).__name__}: {err})"
 
 

@@ -169,6 +169,8 @@ def shard_dirs(out_dir: Path, stage: str) -> dict[tuple[int, int], Path]:
                 and len(parts) == 4
                 and parts[0] == "shard"
                 and parts[2] == "of"
+                and parts[1].isdigit()
+                and parts[3].isdigit()  # not a "...-of-00004.partial" left by a kill while publishing
                 and (p / DONE).is_file()
             ):
                 out[(int(parts[1]), int(parts[3]))] = p

@@ -255,18 +255,27 @@ class CausalLMPrompter:
         import torch
 
         requests = [self.request(p) for p in plans]
-        enc = self.tokenizer(requests, return_tensors="pt", padding=True).to(self.device)
-        if self.do_sample:
-            torch.manual_seed(plans[0]["seed"])  # the batch is a fixed slice of the shard: reproducible
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=self.do_sample,
-                temperature=self.temperature if self.do_sample else None,
-                pad_token_id=self.tokenizer.pad_token_id,
+        # sampling: one record per call, seeded by its own seed, so a record's text does not depend on
+        # which records share its batch or shard; greedy decoding is batched
+        groups = [[i] for i in range(len(plans))] if self.do_sample else [list(range(len(plans)))]
+        replies: list[str] = [""] * len(plans)
+        for idx in groups:
+            enc = self.tokenizer([requests[i] for i in idx], return_tensors="pt", padding=True).to(
+                self.device
             )
-        replies = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            if self.do_sample:
+                torch.manual_seed(int(plans[idx[0]]["seed"]))
+            with torch.no_grad():
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=self.do_sample,
+                    temperature=self.temperature if self.do_sample else None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
+                replies[i] = text
         return [
             parse_prompt_json(r, list(p["categories"]), p["kind"] in self.edited_kinds)
             for r, p in zip(replies, plans, strict=True)

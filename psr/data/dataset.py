@@ -64,7 +64,13 @@ def open_image(path: Path, record_id: str, field_name: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
             return im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (
+        FileNotFoundError,
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as err:
         raise ImageLoadError(f"record {record_id!r}: cannot read {field_name} image {path}: {err}") from err
 
 
@@ -73,7 +79,13 @@ def image_size(path: Path, record_id: str, field_name: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (
+        FileNotFoundError,
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as err:
         raise ImageLoadError(f"record {record_id!r}: cannot read {field_name} image {path}: {err}") from err
     return h, w
 

@@ -137,3 +137,29 @@ def test_missing_input_shards_are_named(tmp_path):
         read_stage_output(tmp_path, "a", Shard(0, 1))
     done = json.loads((tmp_path / "a/shard-00001-of-00003/done.json").read_text())
     assert done["shard"] == {"index": 1, "count": 3}
+
+
+def test_a_partial_publish_left_by_a_kill_is_ignored(tmp_path):
+    """A kill between writing done.json into ``shard-...partial`` and the rename leaves that folder:
+    it is not a published shard, and it does not break listing the stage."""
+    from data_pipeline.shards import DONE, shard_dirs, stage_dir
+
+    d = stage_dir(tmp_path, "target")
+    (d / "shard-00000-of-00001.partial").mkdir(parents=True)
+    (d / "shard-00000-of-00001.partial" / DONE).write_text("{}")
+    assert shard_dirs(tmp_path, "target") == {}
+    (d / "shard-00000-of-00001").mkdir()
+    (d / "shard-00000-of-00001" / DONE).write_text("{}")
+    assert list(shard_dirs(tmp_path, "target")) == [(0, 1)]
+
+
+def test_decompression_bomb_is_a_reject_reason(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from data_pipeline.images import load_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 px > 2 x 100: PIL refuses to decode it
+    image, reason = load_image(path)
+    assert image is None and "big.png" in reason and "DecompressionBombError" in reason

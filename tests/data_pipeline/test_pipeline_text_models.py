@@ -125,3 +125,18 @@ def test_vision_language_instructor_loads_locally_and_rejects_noise(tmp_path):
     (row,) = read_stage_output(tmp_path, "instruct")[1]
     assert row["reason"].startswith("instruct: vision-language")
     assert json.loads(json.dumps(row))["record"]["id"] == "r0"
+
+
+def test_sampled_prompts_do_not_depend_on_batch_company(lm_dir):
+    """With sampling, a record's text comes from its own seed: the same alone, second in a batch, or
+    next to other records (so re-sharding or another batch size does not change the dataset)."""
+    prompter = CausalLMPrompter(
+        str(lm_dir), max_new_tokens=12, dtype="float32", do_sample=True, temperature=1.0
+    )
+    a = {"seed": 11, "kind": "position", "categories": ["dog", "cup"]}
+    b = {"seed": 12, "kind": "three", "categories": ["a", "b", "c"]}
+    c = {"seed": 13, "kind": "position", "categories": ["cat", "vase"]}
+    alone = prompter.write([b])[0]
+    assert prompter.write([a, b])[1] == alone
+    assert prompter.write([c, a, b])[2] == alone
+    assert prompter.write([a])[0] != prompter.write([c])[0]  # and the seed does matter
