@@ -24,7 +24,7 @@ from psr.objectives.dpo import (
 )
 from psr.objectives.grpo import grpo_step_loss, select_train_steps
 from psr.sampling.sampler import step_log_prob
-from psr.sampling.sde import kl_gaussian_means
+from psr.sampling.sde import kl_gaussian_means, noise_std
 from psr.types import Trajectory
 
 
@@ -80,8 +80,13 @@ class GRPOObjective:
     train_steps: str = "first_fraction"
     train_fraction: float = 0.99
     num_train_steps: int | None = None
+    kl_std: str = "transition"
     micro_batch: int = 8
     inner_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kl_std not in ("transition", "diffusion"):
+            raise ValueError(f"algo.kl_std={self.kl_std!r}; expected transition or diffusion")
 
     def update(
         self, policy, engine, trajs: list[Trajectory], advantages: list[Tensor], seed: int = 0
@@ -125,7 +130,11 @@ class GRPOObjective:
                 if self.beta > 0:
                     with torch.no_grad(), policy.adapters_disabled(), engine.autocast():
                         ref_mean = step_log_prob(policy, traj, k, mb).mean
-                    kl = kl_gaussian_means(out.mean, ref_mean, out.std)
+                    std = out.std
+                    if self.kl_std == "diffusion":  # Flow-GRPO's value: divide by sigma_t^2, not std^2
+                        s = traj.sigmas
+                        std = noise_std(traj.kind, s[k], s[k + 1], traj.noise_level, s[1])
+                    kl = kl_gaussian_means(out.mean, ref_mean, std)
                 loss, m = grpo_step_loss(
                     out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
                 )

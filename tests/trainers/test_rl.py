@@ -596,3 +596,28 @@ def test_resuming_with_another_lora_rank_names_the_checkpoint_and_the_key(tmp_pa
     main(compose(tmp_path, "train.steps=2"))
     with pytest.raises(ValueError, match=r"resuming from .*step_00000002.*shape.*train\.lora\.rank"):
         trainer_for(tmp_path, "train.steps=3", "train.lora.rank=4")
+
+
+def test_kl_conventions_differ_by_the_step_size(tmp_path):
+    """algo.kl_std=diffusion reproduces Flow-GRPO's KL (divided by sigma_t^2); transition is the
+    exact KL of the two Gaussian transitions (divided by sigma_t^2 |dt|). With the SDE on step 1
+    only, the two logged KL terms differ by exactly |dt_1| of the trajectory's schedule."""
+    kl, dt = {}, {}
+    for conv in ("transition", "diffusion"):
+        trainer = trainer_for(
+            tmp_path / conv, "algo.beta=1.0", f"algo.kl_std={conv}", "algo.train_steps=all",
+            "sampler.sde_window=[1,2]", "train.lora.init=false",
+        )  # fmt: skip
+        try:
+            trajs = trainer.rollout(trainer.sampler.next_batch(), 0)
+            assert trajs[0].sde_mask.tolist() == [False, True, False, False]
+            m = trainer.update(trajs, {"score": torch.arange(8, dtype=torch.float32)})
+            kl[conv] = m["train/loss/kl"]
+            s = trajs[0].sigmas
+            dt[conv] = float(s[1] - s[2])
+        finally:
+            trainer.cleanup()
+    assert kl["transition"] > 0 and dt["transition"] == dt["diffusion"]
+    assert kl["diffusion"] == pytest.approx(kl["transition"] * dt["transition"], rel=1e-4)
+    with pytest.raises(Exception, match="algo.kl_std"):
+        trainer_for(tmp_path / "bad", "algo.kl_std=other")
