@@ -9,7 +9,9 @@ epoch. A non-finite loss or log-prob skips the whole update (gradients dropped) 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,11 +62,51 @@ def _reduce_mean(value: float) -> float:
     return float(all_reduce_mean(torch.tensor([float(value)], dtype=torch.float64)))
 
 
-def _filler(trajs: list[Trajectory], advantages: list[Tensor], micro_batch: int) -> tuple:
-    """A zero-weight piece for a rank with no work of its own (its forward keeps ranks in step)."""
-    traj = trajs[0]
-    k = int(torch.nonzero(traj.sde_mask).flatten()[0])
-    return traj, advantages[0], k, torch.arange(min(micro_batch, traj.batch_size), device=traj.latents.device)
+def _accumulate(
+    engine,
+    work: list[Any],
+    filler: Callable[[], Any],
+    units: Callable[[Any], int],
+    losses: Callable[[Any, int], Iterator[tuple[Tensor, dict, int, bool, str]]],
+    inner_epochs: int,
+) -> tuple[float, dict[str, float]]:
+    """The update loop both objectives share: accumulate every piece's loss, then one engine step
+    per inner epoch.
+
+    Ranks must agree: all skip, or all run the same number of forwards (ZeRO-3 gathers parameters
+    in each), backwards (ZeRO-2/3 communicate inside backward) and steps, so a rank with less work
+    pads with zero-weight pieces (``filler()`` when it has none). Each loss is weighted by its share
+    of all ranks' units (samples or pairs): every rank divides by the mean count per rank and the
+    engine averages gradients over ranks. ``losses(piece, epoch)`` yields ``(loss, metrics, units,
+    finite, where)``; a non-finite one still runs its backward, then every rank drops the update.
+    """
+    n_pieces = int(_reduce_max(len(work)))
+    if n_pieces == 0:
+        return 0.0, {"train/skipped_update": 1.0}
+    weights = [1.0] * len(work) + [0.0] * (n_pieces - len(work))
+    if len(work) < n_pieces:
+        pad = work[0] if work else filler()
+        work = work + [pad] * (n_pieces - len(work))
+    n_units = _reduce_mean(sum(units(piece) * w for piece, w in zip(work, weights, strict=True)))
+    acc: dict[str, list[float]] = {}
+    total = 0.0
+    for epoch in range(inner_epochs):
+        bad = None
+        for piece, weight in zip(work, weights, strict=True):
+            for loss, metrics, n, finite, where in losses(piece, epoch):
+                finite = finite and bool(torch.isfinite(loss))
+                if not finite:
+                    bad = bad or where
+                engine.backward(loss * (weight * n / n_units))
+                if weight and finite:
+                    total += float(loss.detach()) * n / n_units
+                    for key, v in metrics.items():
+                        acc.setdefault(key, []).append(float(v))
+        if _reduce_max(bad is not None):
+            engine.zero_grad()
+            return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
+        _step(engine, acc)
+    return total / inner_epochs, _mean_metrics(acc)
 
 
 def _chunks(index: Tensor, size: int) -> list[Tensor]:
@@ -93,8 +135,6 @@ class GRPOObjective:
     ) -> tuple[float, dict[str, float]]:
         """One GRPO update; returns (loss summed over the accumulated pieces, metrics). Trained
         steps are drawn from ``(seed, group id)``, independent of how groups are spread over ranks."""
-        acc: dict[str, list[float]] = {}
-        total = 0.0
         # only samples with a non-zero advantage carry signal (zero-variance groups are skipped)
         work: list[tuple[Trajectory, Tensor, int, Tensor]] = []
         for traj, adv in zip(trajs, advantages, strict=True):
@@ -109,51 +149,37 @@ class GRPOObjective:
                     generator=gen,
                 )
                 work.extend((traj, adv, int(k), mb) for k in steps for mb in _chunks(idx, self.micro_batch))
-        # ranks must agree: all skip, or all run the same number of forwards (ZeRO-3 gathers
-        # parameters in each) and steps; a rank with less work pads with zero-weight pieces
-        n_pieces = int(_reduce_max(len(work)))
-        if n_pieces == 0:
-            return 0.0, {"train/skipped_update": 1.0}
-        weights = [1.0] * len(work) + [0.0] * (n_pieces - len(work))
-        if len(work) < n_pieces:
-            filler = work[0] if work else _filler(trajs, advantages, self.micro_batch)
-            work = work + [filler] * (n_pieces - len(work))
-        # the mean over every rank's samples: each rank divides by the mean count per rank, and the
-        # engine averages gradients over ranks
-        n_samples = _reduce_mean(sum(len(mb) * w for (*_, mb), w in zip(work, weights, strict=True)))
-        for _ in range(self.inner_epochs):
-            bad = None
-            for (traj, adv, k, mb), weight in zip(work, weights, strict=True):
-                with engine.autocast():
-                    out = step_log_prob(policy, traj, k, mb)
-                kl = None
-                if self.beta > 0:
-                    with torch.no_grad(), policy.adapters_disabled(), engine.autocast():
-                        ref_mean = step_log_prob(policy, traj, k, mb).mean
-                    std = out.std
-                    if self.kl_std == "diffusion":  # Flow-GRPO's value: divide by sigma_t^2, not std^2
-                        s = traj.sigmas
-                        std = noise_std(traj.kind, s[k], s[k + 1], traj.noise_level, s[1])
-                    kl = kl_gaussian_means(out.mean, ref_mean, std)
-                loss, m = grpo_step_loss(
-                    out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
-                )
-                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(out.log_prob).all())
-                if not finite:
-                    bad = bad or f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
-                # weight by the share of samples so the accumulated gradient is the mean over all pieces.
-                # The backward runs even for a non-finite loss: ZeRO-2/3 communicate inside backward, so
-                # every rank must make the same calls; the agreed flag below then drops the update.
-                engine.backward(loss * (weight * len(mb) / n_samples))
-                if weight and finite:
-                    total += float(loss.detach()) * len(mb) / n_samples
-                    for key, v in m.items():
-                        acc.setdefault(key, []).append(float(v))
-            if _reduce_max(bad is not None):
-                engine.zero_grad()
-                return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
-            _step(engine, acc)
-        return total / self.inner_epochs, _mean_metrics(acc)
+
+        def filler() -> tuple:
+            traj = trajs[0]
+            k = int(torch.nonzero(traj.sde_mask).flatten()[0])
+            return (
+                traj,
+                advantages[0],
+                k,
+                torch.arange(min(self.micro_batch, traj.batch_size), device=traj.latents.device),
+            )
+
+        def losses(piece: tuple, epoch: int) -> Iterator[tuple[Tensor, dict, int, bool, str]]:
+            traj, adv, k, mb = piece
+            with engine.autocast():
+                out = step_log_prob(policy, traj, k, mb)
+            kl = None
+            if self.beta > 0:
+                with torch.no_grad(), policy.adapters_disabled(), engine.autocast():
+                    ref_mean = step_log_prob(policy, traj, k, mb).mean
+                std = out.std
+                if self.kl_std == "diffusion":  # Flow-GRPO's value: divide by sigma_t^2, not std^2
+                    s = traj.sigmas
+                    std = noise_std(traj.kind, s[k], s[k + 1], traj.noise_level, s[1])
+                kl = kl_gaussian_means(out.mean, ref_mean, std)
+            loss, m = grpo_step_loss(
+                out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
+            )
+            where = f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+            yield loss, m, len(mb), bool(torch.isfinite(out.log_prob).all()), where
+
+        return _accumulate(engine, work, filler, lambda piece: len(piece[3]), losses, self.inner_epochs)
 
 
 @dataclass
@@ -175,7 +201,6 @@ class DPOObjective:
     ) -> tuple[float, dict[str, float]]:
         """One DPO update; (t, noise) per piece from ``(seed, group id, piece, epoch)``, so the
         draws do not depend on how groups are spread over ranks."""
-        acc: dict[str, list[float]] = {}
         work: list[tuple[Trajectory, Tensor, int]] = []
         for traj, r in zip(trajs, rewards, strict=True):
             ok = torch.nonzero(~torch.isnan(r)).flatten()  # NaN: the reward does not apply; never paired
@@ -183,39 +208,26 @@ class DPOObjective:
             pairs = ok[pairs] if len(pairs) else pairs
             chunks = _chunks(pairs, max(1, self.micro_batch // 2))
             work.extend((traj, p, j) for j, p in enumerate(chunks))
-        n_pieces = int(_reduce_max(len(work)))  # ranks agree on the number of forwards and steps
-        if n_pieces == 0:
-            return 0.0, {"train/skipped_update": 1.0}
-        weights = [1.0] * len(work) + [0.0] * (n_pieces - len(work))
-        if len(work) < n_pieces:
-            filler = (
-                work[0] if work else (trajs[0], torch.tensor([[0, 1]], device=trajs[0].latents.device), 0)
-            )
-            work = work + [filler] * (n_pieces - len(work))
-        n_pairs = _reduce_mean(sum(len(p) * w for (_, p, _), w in zip(work, weights, strict=True)))
-        n_pairs *= self.timesteps_per_pair
-        total = 0.0
-        for epoch in range(self.inner_epochs):
-            bad = None
-            for (traj, pairs, j), weight in zip(work, weights, strict=True):
-                gen = torch.Generator().manual_seed(derive_seed(seed, int(traj.group_ids[0]), j, epoch))
-                for _ in range(self.timesteps_per_pair):
-                    loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
-                    finite = bool(torch.isfinite(loss))
-                    if not finite:
-                        bad = (
-                            bad or f"DPO pairs of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
-                        )
-                    engine.backward(loss * (weight * len(pairs) / n_pairs))  # always: see GRPO
-                    if weight and finite:
-                        total += float(loss.detach()) * len(pairs) / n_pairs
-                        for key, v in m.items():
-                            acc.setdefault(key, []).append(float(v))
-            if _reduce_max(bad is not None):
-                engine.zero_grad()
-                return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
-            _step(engine, acc)
-        return total / self.inner_epochs, _mean_metrics(acc)
+
+        def filler() -> tuple:
+            return trajs[0], torch.tensor([[0, 1]], device=trajs[0].latents.device), 0
+
+        def losses(piece: tuple, epoch: int) -> Iterator[tuple[Tensor, dict, int, bool, str]]:
+            traj, pairs, j = piece
+            gen = torch.Generator().manual_seed(derive_seed(seed, int(traj.group_ids[0]), j, epoch))
+            where = f"DPO pairs of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+            for _ in range(self.timesteps_per_pair):
+                loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
+                yield loss, m, len(pairs), True, where
+
+        return _accumulate(
+            engine,
+            work,
+            filler,
+            lambda piece: len(piece[1]) * self.timesteps_per_pair,
+            losses,
+            self.inner_epochs,
+        )
 
     def _pair_loss(
         self, policy, engine, traj: Trajectory, pairs: Tensor, gen: torch.Generator

@@ -336,6 +336,50 @@ def load_training_checkpoint(path: Path, policy: Any, engine: Any) -> dict[str, 
     return {"step": state["step"], "data": state["data_state"], **state["training_state"].get("trainer", {})}
 
 
+def resume_state(
+    resume: str | None, ckpt_root: Path, policy: Any, engine: Any, name: str
+) -> dict[str, Any] | None:
+    """``resume`` (``auto``, a path or null) resolved under ``ckpt_root`` and loaded into the set-up
+    engine: the :func:`load_training_checkpoint` dict, or None for a fresh start (``init_from``,
+    if set, was loaded by :func:`build_policy`)."""
+    from psr import checkpoint as ckpt
+
+    path = ckpt.resolve_resume(resume, ckpt_root)
+    if path is None:
+        return None
+    state = load_training_checkpoint(path, policy, engine)
+    if engine.is_main:
+        print(f"{name}: resumed from {path} at step {state['step']}", flush=True)
+    return state
+
+
+def checkpoint_or_stop(
+    name: str, step: int, total_steps: int, every: int, preemption: Any, save: Any
+) -> bool:
+    """At a step boundary (after ``preemption.poll()``): ``save()`` on schedule, at the last step or
+    on a preemption signal; returns True when a signal asks the run to stop (after reporting it)."""
+    if step % every == 0 or step == total_steps or preemption.triggered:
+        save()
+    if preemption.triggered:
+        preemption.exit(f"{name}: {preemption.signal_name} at step {step}: checkpoint saved")
+        return True
+    return False
+
+
+def run_trainer(trainer: Any, name: str) -> None:
+    """``setup``, ``train``, ``cleanup`` (always), then the report of where the outputs are."""
+    import time
+
+    trainer.setup()
+    start = time.time()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    if trainer.engine.is_main:
+        print_outputs(name, trainer.run_dir, time.time() - start)
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a checkpoint, a run directory or a ``checkpoints/`` directory."""
     from psr import checkpoint as ckpt

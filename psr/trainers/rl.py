@@ -12,7 +12,6 @@ One step, top to bottom (:meth:`RLTrainer.train`):
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,6 @@ class RLTrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.engine = common.build_engine(cfg)
         common.seed_everything(self.seed, self.engine.rank)
         algo = cfg.algo
@@ -115,15 +113,11 @@ class RLTrainer:
         raise ValueError(f"algo.name={name!r}; expected grpo or dpo")
 
     def _resume(self, resume: str | None) -> None:
-        path = ckpt.resolve_resume(resume, self.ckpt_root)
-        if path is None:
-            return  # init_from, if set, was loaded by build_policy
-        state = common.load_training_checkpoint(path, self.policy, self.engine)
-        self.step = int(state["step"])
-        self.nonfinite = int(state.get("nonfinite", 0))
-        self.sampler.load_state_dict(state["data"])
-        if self.engine.is_main:
-            print(f"psr-rl: resumed from {path} at step {self.step}")
+        state = common.resume_state(resume, self.ckpt_root, self.policy, self.engine, "psr-rl")
+        if state is not None:
+            self.step = int(state["step"])
+            self.nonfinite = int(state.get("nonfinite", 0))
+            self.sampler.load_state_dict(state["data"])
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -147,16 +141,14 @@ class RLTrainer:
                 self.log_grid(trajs, records, scores["score"], "train/grid")
             if self.eval_every and self.step % self.eval_every == 0:
                 self.evaluate()
-            if (
-                self.step % self.checkpoint_every == 0
-                or self.step == self.total_steps
-                or self.preemption.triggered
+            if common.checkpoint_or_stop(
+                "psr-rl",
+                self.step,
+                self.total_steps,
+                self.checkpoint_every,
+                self.preemption,
+                self.save_checkpoint,
             ):
-                self.save_checkpoint()
-            if self.preemption.triggered:
-                self.preemption.exit(
-                    f"psr-rl: {self.preemption.signal_name} at step {self.step}: checkpoint saved"
-                )
                 return
 
     def rollout(
@@ -295,12 +287,4 @@ class RLTrainer:
 
 def main(cfg: DictConfig) -> None:
     """Entry point of ``psr-rl`` (see :mod:`psr.cli`)."""
-    trainer = RLTrainer(cfg)
-    trainer.setup()
-    start = time.time()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    if trainer.engine.is_main:
-        common.print_outputs("psr-rl", trainer.run_dir, time.time() - start)
+    common.run_trainer(RLTrainer(cfg), "psr-rl")

@@ -16,7 +16,6 @@ a killed and resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -146,15 +145,11 @@ class SFTTrainer:
         self.batches = iter(common.data_loader(self.dataset, self.sampler, collate_sft, cfg.loader))
 
     def _resume(self, resume: str | None) -> None:
-        path = ckpt.resolve_resume(resume, self.ckpt_root)
-        if path is None:
-            return  # init_from, if set, was loaded by build_policy
-        state = common.load_training_checkpoint(path, self.policy, self.engine)
-        self.step = int(state["step"])
-        self.data_state = state["data"]
-        self.sampler.load_state_dict(state["data"])
-        if self.engine.is_main:
-            print(f"psr-sft: resumed from {path} at step {self.step}", flush=True)
+        state = common.resume_state(resume, self.ckpt_root, self.policy, self.engine, "psr-sft")
+        if state is not None:
+            self.step = int(state["step"])
+            self.data_state = state["data"]
+            self.sampler.load_state_dict(state["data"])
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -175,24 +170,19 @@ class SFTTrainer:
                 self.logger.log(metrics, step=self.step)
             if self.val_every and self.step % self.val_every == 0:
                 self.validate()
-            if (
-                self.step % self.checkpoint_every == 0
-                or self.step == self.total_steps
-                or self.preemption.triggered
+            if common.checkpoint_or_stop(
+                "psr-sft",
+                self.step,
+                self.total_steps,
+                self.checkpoint_every,
+                self.preemption,
+                self.save_checkpoint,
             ):
-                self.save_checkpoint()
-            if self.preemption.triggered:
-                self.preemption.exit(
-                    f"psr-sft: {self.preemption.signal_name} at step {self.step}: checkpoint saved"
-                )
                 return
 
     def train_step(self, batches: list[Batch], step: int) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
-        # only the transformer trains: the frozen text encoders stay in eval mode (T5 has dropout,
-        # which would make the cached prompt embeddings depend on when a prompt was first seen)
-        self.policy.eval()
-        self.policy.transformer.train()
+        self.policy.train()  # the transformer only: FlowPolicy.train keeps the frozen encoders in eval
         losses, sigmas = [], []
         for i, batch in enumerate(batches):
             gen = torch.Generator(self.engine.device).manual_seed(
@@ -305,12 +295,4 @@ class SFTTrainer:
 
 def main(cfg: DictConfig) -> None:
     """Entry point of ``psr-sft`` (see :mod:`psr.cli`)."""
-    trainer = SFTTrainer(cfg)
-    trainer.setup()
-    start = time.time()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    if trainer.engine.is_main:
-        common.print_outputs("psr-sft", trainer.run_dir, time.time() - start)
+    common.run_trainer(SFTTrainer(cfg), "psr-sft")
