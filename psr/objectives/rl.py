@@ -30,7 +30,8 @@ from psr.sampling.sde import kl_gaussian_means, noise_std
 from psr.types import Trajectory
 
 
-def _mean_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
+def merge_metrics(acc: dict[str, list[float]]) -> dict[str, float]:
+    """Each key's values merged: ``*_min`` by min, ``*_max`` by max, the rest by mean."""
     out = {}
     for k, vs in acc.items():
         if k.endswith("_min"):
@@ -106,7 +107,7 @@ def _accumulate(
             engine.zero_grad()
             return math.nan, {"nonfinite_where": bad or "another rank"}  # type: ignore[dict-item]
         _step(engine, acc)
-    return total / inner_epochs, _mean_metrics(acc)
+    return total / inner_epochs, merge_metrics(acc)
 
 
 def _chunks(index: Tensor, size: int) -> list[Tensor]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from psr import checkpoint as ckpt
 from psr.data.dataset import PromptRecord
 from psr.objectives.advantages import combine_rewards, group_advantages
-from psr.objectives.rl import DPOObjective, GRPOObjective
+from psr.objectives.rl import DPOObjective, GRPOObjective, merge_metrics
 from psr.sampling.sampler import rollout
 from psr.trainers import common
 from psr.types import Trajectory
@@ -41,19 +41,16 @@ def _merge_over_ranks(loss: float, metrics: dict[str, Any]) -> tuple[float, dict
     parts = all_gather_object((loss, metrics))
     if len(parts) == 1:
         return loss, metrics
-    losses = [p[0] for p in parts]
-    out: dict[str, Any] = {}
-    for key in sorted({k for _, m in parts for k in m}):
-        values = [m[key] for _, m in parts if key in m]
-        if isinstance(values[0], str):
-            out[key] = values[0]
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return sum(losses) / len(losses), out
+    values: dict[str, list[float]] = {}
+    for _, m in parts:
+        for key, v in m.items():
+            if key != "nonfinite_where":
+                values.setdefault(key, []).append(v)
+    out: dict[str, Any] = merge_metrics(values)
+    where = [m["nonfinite_where"] for _, m in parts if "nonfinite_where" in m]
+    if where:
+        out["nonfinite_where"] = where[0]
+    return sum(p[0] for p in parts) / len(parts), out
 
 
 class RLTrainer:

@@ -87,10 +87,9 @@ class SFTTrainer:
         self.total_steps = int(t.steps)
         self.batch_size = int(t.batch_size)
         self.grad_accum = int(t.grad_accum)
-        self.mode = str(t.mode)
         self.log_every = int(t.log_every)
         self.checkpoint_every, self.keep_last = int(t.checkpoint_every), int(t.keep_last)
-        self.export_lora = bool(t.export_lora) and self.mode == "lora"
+        self.export_lora = bool(t.export_lora)  # LoRA runs only: save_training_checkpoint skips it for full
         v = cfg.validation
         self.val_every, self.val_records, self.val_steps = int(v.every), int(v.records), int(v.num_steps)
         if self.total_steps < 1 or self.grad_accum < 1 or self.checkpoint_every < 1 or self.log_every < 1:
