@@ -84,7 +84,8 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank_, world_size=world, local_rank=local)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -126,7 +127,7 @@ def init_distributed(
     if info.world_size == 1 and not have_master:
         # A lone process picks a fresh local port each time, so parallel runs and re-initialization
         # after destroy() never collide on one.
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
         backend,
         init_method=init_method,

@@ -184,12 +184,10 @@ def test_bad_stage_and_missing_input_are_named(tmp_path):
 def test_torchrun_ranks_split_shards_into_the_same_dataset(reference_run, tmp_path):
     """``shard.index=auto``: 2 ranks under torchrun take shards 0 and 1 of 2 in parallel; whichever
     finishes last exports; the manifest equals the single-process one."""
-    import socket
+    from psr.distributed import free_port
 
     ref, _ = reference_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ranks"
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_"))}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,11 @@ from engine_cases import OPTIM, make_data, make_model, train_steps, trainable
 from safetensors.torch import load_file
 
 from psr import checkpoint as ckpt
+from psr.distributed import free_port
 from psr.engine import DeepSpeedEngine, TorchEngine
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         str(out),
     ]

@@ -7,19 +7,11 @@ so what the tests measure is the trainer, not a reward model.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
-ROOT = str(Path(CONF).parent)
+from trainer_helpers import CONF, kill_after_checkpoint, metric, signal_at, start_trainer
 
 # Small and fast: 32 px (2x2 target tokens), 4 sampling steps, 2 groups of 4 per step.
 BASE = [
@@ -43,7 +35,7 @@ def compose(run_dir: Path, *overrides: str, base: list[str] = BASE):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("rl", overrides=[*base, f"run_dir={run_dir}", *overrides])
 
 
@@ -53,16 +45,6 @@ def trainer_for(run_dir: Path, *overrides: str):
     trainer = RLTrainer(compose(run_dir, *overrides))
     trainer.setup()
     return trainer
-
-
-def metrics(run_dir: Path, key: str) -> dict[int, float]:
-    """``step -> value``; a step logged twice (by a killed run and its resume) keeps the last."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if key in rec:
-            out[rec["step"]] = rec[key]
-    return out
 
 
 def one_step(trainer, step: int = 0) -> dict[str, float]:
@@ -189,24 +171,6 @@ def test_nonfinite_log_probs_skip_the_update_then_abort(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def _child(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    code = textwrap.dedent(
-        f"""
-        import torch
-        torch.set_num_threads({torch.get_num_threads()})
-        from hydra import compose, initialize_config_dir
-        from psr.trainers.rl import main
-        with initialize_config_dir(config_dir={CONF!r}, version_base="1.3"):
-            cfg = compose("rl", overrides={[*BASE, f"run_dir={run_dir}", *overrides]!r})
-        main(cfg)
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-
 RESUME_KEYS = ("reward/score", "train/loss", "train/grad_norm", "train/lr", "adv/std", "train/ratio_mean")
 
 
@@ -225,37 +189,19 @@ def test_resume_after_sigkill_and_preemption_gives_identical_metrics(tmp_path, a
         "train.inner_epochs=2",
     ]
     main(compose(tmp_path / "straight", *over))
-    keys = [k for k in RESUME_KEYS if metrics(tmp_path / "straight", k)]
+    keys = [k for k in RESUME_KEYS if metric(tmp_path / "straight", k)]
     assert "reward/score" in keys and "train/loss" in keys
-    expected = {k: metrics(tmp_path / "straight", k) for k in keys}
+    expected = {k: metric(tmp_path / "straight", k) for k in keys}
     assert sorted(expected["reward/score"]) == list(range(1, 9))
 
     run = tmp_path / "interrupted"
-    child = _child(run, over)
-    deadline = time.time() + 180
-    while not (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file():
-        assert child.poll() is None, child.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
-    killed_at = max(
-        int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()
-    )
+    killed_at = kill_after_checkpoint(start_trainer("rl", [*BASE, f"run_dir={run}", *over]), run)
     assert killed_at < 8
 
     trainer = RLTrainer(compose(run, *over))
     trainer.setup()
     assert trainer.step == killed_at
-    log = trainer.logger.log
-
-    def log_and_signal(values, step):
-        log(values, step)
-        if step == 6 and "reward/score" in values:
-            os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, handled at the step boundary
-
-    trainer.logger.log = log_and_signal
+    signal_at(trainer, 6, "reward/score")
     try:
         trainer.train()
     finally:
@@ -264,7 +210,7 @@ def test_resume_after_sigkill_and_preemption_gives_identical_metrics(tmp_path, a
 
     main(compose(run, *over))
     for k in keys:
-        got = metrics(run, k)
+        got = metric(run, k)
         assert sorted(got) == sorted(expected[k]), k
         for step, value in expected[k].items():
             assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-8), (k, step, got, expected[k])

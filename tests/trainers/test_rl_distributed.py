@@ -13,19 +13,16 @@ DPO, below 1e-6 and 1e-6 for GRPO.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_helpers import BIN, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from psr.distributed import free_port
+
 COMMON = [
     "experiment=quickstart",
     "data.num_records=8",
@@ -44,22 +41,6 @@ COMMON = [
 KEYS = ("reward/score", "adv/std", "adv/mean", "train/loss", "train/grad_norm", "train/ratio_mean")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    return env
-
-
 def _run(run_dir: Path, nproc: int, *overrides: str) -> None:
     args = [*COMMON, f"hydra.run.dir={run_dir}", *overrides]
     if nproc == 1:
@@ -72,13 +53,12 @@ def _run(run_dir: Path, nproc: int, *overrides: str) -> None:
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "--no-python",
             str(BIN / "psr-rl"),
             *args,
         ]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    run_cli(cmd)
 
 
 def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:

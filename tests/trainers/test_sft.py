@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
-ROOT = str(Path(CONF).parent)
+from trainer_helpers import CONF, kill_after_checkpoint, metric, signal_at, start_trainer
 
 # Small and fast: synthetic records at 32 px (2x2 target tokens), LoRA rank 4, no validation.
 BASE = [
@@ -39,18 +32,12 @@ def compose(run_dir: Path, *overrides: str, base: list[str] = BASE):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("sft", overrides=[*base, f"run_dir={run_dir}", *overrides])
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """``step -> train/loss``; a step logged twice (by a killed run and its resume) keeps the last."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
+    return metric(run_dir, "train/loss")
 
 
 def trainer_for(run_dir: Path, *overrides: str):
@@ -172,24 +159,6 @@ def test_every_trainable_parameter_changes(tmp_path, mode):
         trainer.cleanup()
 
 
-def _child(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    code = textwrap.dedent(
-        f"""
-        import torch
-        torch.set_num_threads({torch.get_num_threads()})
-        from hydra import compose, initialize_config_dir
-        from psr.trainers.sft import main
-        with initialize_config_dir(config_dir={CONF!r}, version_base="1.3"):
-            cfg = compose("sft", overrides={[*BASE, f"run_dir={run_dir}", *overrides]!r})
-        main(cfg)
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-
-
 def test_resume_after_sigkill_and_preemption_gives_identical_losses(tmp_path):
     """Uninterrupted 8 steps vs: a subprocess killed with SIGKILL after a checkpoint, resumed here,
     stopped by SIGUSR1 (save and exit) at step 6, resumed again to the end. Every step's loss must
@@ -203,31 +172,15 @@ def test_resume_after_sigkill_and_preemption_gives_identical_losses(tmp_path):
     assert sorted(expected) == list(range(1, 9))
 
     run = tmp_path / "interrupted"
-    child = _child(run, over)
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file():
-        assert child.poll() is None, child.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL
-    killed_at = max(
-        int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()
+    killed_at = kill_after_checkpoint(
+        start_trainer("sft", [*BASE, f"run_dir={run}", *over]), run, timeout=120
     )
     assert killed_at < 8
 
     trainer = SFTTrainer(compose(run, *over))
     trainer.setup()
     assert trainer.step == killed_at
-    log = trainer.logger.log
-
-    def log_and_signal(metrics, step):
-        log(metrics, step)
-        if step == 6 and "train/loss" in metrics:
-            os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, handled at the next step boundary
-
-    trainer.logger.log = log_and_signal
+    signal_at(trainer, 6, "train/loss")
     try:
         trainer.train()
     finally:

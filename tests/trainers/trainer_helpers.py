@@ -1,0 +1,107 @@
+"""What the trainer tests share: running a trainer in a child process or through its console
+script, killing it after a checkpoint, sending a real preemption signal, reading metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+BIN = Path(sys.executable).parent
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without launcher variables (a test's child is one process unless it uses
+    torchrun), offline, one thread per process."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_cli(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a console script (or torchrun) from the checkout; fails the test with its stderr."""
+    done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def metric(run_dir: Path, key: str) -> dict[int, float]:
+    """``step -> value`` of ``key`` in metrics.jsonl; a step logged twice (by a killed run and its
+    resume) keeps the last."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            out[rec["step"]] = rec[key]
+    return out
+
+
+def metric_table(run_dir: Path, keys: tuple[str, ...]) -> dict[tuple[int, str], float]:
+    """``(step, key) -> value`` for every key of ``keys`` logged in metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.update({(rec["step"], k): rec[k] for k in keys if k in rec})
+    return out
+
+
+def start_trainer(primary: str, overrides: list[str]) -> subprocess.Popen:
+    """``psr.trainers.<primary>.main`` on ``conf/<primary>.yaml`` + overrides, in a child process."""
+    code = textwrap.dedent(
+        f"""
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
+        from hydra import compose, initialize_config_dir
+        from psr.trainers.{primary} import main
+        with initialize_config_dir(config_dir={str(CONF)!r}, version_base="1.3"):
+            cfg = compose({primary!r}, overrides={overrides!r})
+        main(cfg)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def kill_after_checkpoint(child: subprocess.Popen, run_dir: Path, step: int = 2, timeout: float = 180) -> int:
+    """SIGKILL ``child`` once the checkpoint of ``step`` is complete; returns the newest complete
+    checkpoint's step (the child may have written more before the kill landed)."""
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file():
+        assert child.poll() is None, child.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, f"no checkpoint within {timeout} s"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return max(
+        int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()
+    )
+
+
+def signal_at(trainer: Any, at: int, key: str) -> None:
+    """Send this process a real SIGUSR1 when ``trainer`` logs ``key`` at step ``at``: the trainer's
+    handler sees it at the step boundary, saves a checkpoint and stops."""
+    log = trainer.logger.log
+
+    def log_and_signal(values: dict, step: int) -> None:  # the logger's own signature
+        log(values, step)
+        if step == at and key in values:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.logger.log = log_and_signal
