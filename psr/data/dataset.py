@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,12 +59,11 @@ class ImageLoadError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- images
 
 
-def open_image(path: Path, record_id: str, field_name: str) -> Image.Image:
-    """Open and fully decode an RGB image, or raise :class:`ImageLoadError` naming file and record."""
+@contextmanager
+def _readable(path: Path, record_id: str, field_name: str) -> Iterator[None]:
+    """Turn every way an image file can fail to open into :class:`ImageLoadError` naming it."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later in a worker
-            return im.convert("RGB")
+        yield
     except (
         FileNotFoundError,
         UnidentifiedImageError,
@@ -72,21 +72,19 @@ def open_image(path: Path, record_id: str, field_name: str) -> Image.Image:
         Image.DecompressionBombError,
     ) as err:
         raise ImageLoadError(f"record {record_id!r}: cannot read {field_name} image {path}: {err}") from err
+
+
+def open_image(path: Path, record_id: str, field_name: str) -> Image.Image:
+    """Open and fully decode an RGB image, or raise :class:`ImageLoadError` naming file and record."""
+    with _readable(path, record_id, field_name), Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later in a worker
+        return im.convert("RGB")
 
 
 def image_size(path: Path, record_id: str, field_name: str) -> tuple[int, int]:
     """``(height, width)`` from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (
-        FileNotFoundError,
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        Image.DecompressionBombError,
-    ) as err:
-        raise ImageLoadError(f"record {record_id!r}: cannot read {field_name} image {path}: {err}") from err
+    with _readable(path, record_id, field_name), Image.open(path) as im:
+        w, h = im.size
     return h, w
 
 
