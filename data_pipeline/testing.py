@@ -11,6 +11,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+from rewards.testing import TINY_TOWER
+
 _SPECIALS = ["<pad>", "</s>", "<unk>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: "
@@ -45,10 +47,7 @@ def _text_config(vocab_size: int) -> Any:
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_TOWER,
         num_key_value_heads=2,
         max_position_embeddings=4096,
         pad_token_id=0,
@@ -85,10 +84,7 @@ def save_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
 
     tok = char_tokenizer()
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_TOWER,
         image_size=32,
         patch_size=8,
     )

@@ -117,13 +117,7 @@ def dino_vits16(
         expected="a ViT directory (facebook/dino-vits16) with config.json and model.safetensors",
         add_pooling_layer=False,
     )
-    return HFImageEmbedder(
-        model,
-        ImageTransform(resize, crop, IMAGENET_MEAN, IMAGENET_STD),
-        max_batch=max_batch,
-        device=device,
-        dtype=dtype,
-    )
+    return _imagenet_embedder(model, resize, crop, max_batch, device, dtype)
 
 
 def dinov2(
@@ -146,6 +140,13 @@ def dinov2(
         key="reward.embedder.path",
         expected="a DINOv2 directory (e.g. facebook/dinov2-base) with config.json and model.safetensors",
     )
+    return _imagenet_embedder(model, resize, crop, max_batch, device, dtype)
+
+
+def _imagenet_embedder(
+    model: Any, resize: int, crop: int, max_batch: int | None, device: str, dtype: str
+) -> HFImageEmbedder:
+    """CLS embeddings after resize (bicubic), center crop and ImageNet mean/std."""
     return HFImageEmbedder(
         model,
         ImageTransform(resize, crop, IMAGENET_MEAN, IMAGENET_STD),

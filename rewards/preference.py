@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from rewards.base import RewardInputs, check_images, resolve_dtype
 from rewards.imaging import CLIP_MEAN, CLIP_STD, ImageTransform
 from rewards.loading import hf_from_pretrained, load_state_dict_file, weights_error
-from rewards.text_alignment import load_open_clip, open_clip_transform
+from rewards.text_alignment import ClipTextAlignment, load_open_clip
 
 __all__ = [
     "ImageRewardModel",
@@ -291,8 +291,9 @@ def imagereward(
 # ---------------------------------------------------------------------------------------------- HPS v2.1
 
 
-class HPSv2(_Preference):
-    """HPS v2 / v2.1: cosine of open_clip image and prompt embeddings."""
+class HPSv2(ClipTextAlignment):
+    """HPS v2 / v2.1: cosine of open_clip image and prompt embeddings (CLIP-T's computation on the
+    HPS-tuned weights, unscaled)."""
 
     def __init__(
         self,
@@ -302,19 +303,7 @@ class HPSv2(_Preference):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ) -> None:
-        self._setup(model, device, dtype)
-        self.tokenizer = tokenizer
-        self.transform = open_clip_transform(model)
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor, inputs: RewardInputs) -> dict[str, Tensor]:
-        check_images(images, inputs, "HPSv2")
-        pixels = self.transform(images, device=self.device).to(self.dtype)
-        img = self.model.encode_image(pixels, normalize=True).float()
-        txt = self.model.encode_text(
-            self.tokenizer(list(inputs.prompts)).to(self.device), normalize=True
-        ).float()
-        return {"score": (img * txt).sum(-1).to(images.device)}
+        super().__init__(model, tokenizer, scale=1.0, device=device, dtype=dtype)
 
 
 def hps_v21(path: str, *, model_name: str = "ViT-H-14", device: str = "cpu", dtype: str = "float32") -> HPSv2:

@@ -24,6 +24,11 @@ from rewards.embedders import HFImageEmbedder
 from rewards.imaging import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from rewards.subject_consistency import SubjectConsistencyReward
 
+# the transformer towers of every tiny backbone: one layer of width 32, 2 heads
+TINY_TOWER: dict[str, int] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+)
+
 __all__ = [
     "bert_vocab",
     "tiny_bert_tokenizer",
@@ -173,10 +178,7 @@ def tiny_grounding_dino(
     )
     text = BertConfig(
         vocab_size=len(bert_vocab()),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_TOWER,
         max_position_embeddings=64,
     )
     cfg = GroundingDinoConfig(
@@ -216,17 +218,11 @@ def tiny_owlv2(
     cfg = Owlv2Config(
         text_config=dict(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_TOWER,
             max_position_embeddings=16,
         ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_TOWER,
             image_size=64,
             patch_size=16,
         ),
@@ -245,10 +241,7 @@ def tiny_dino(seed: int = 0, *, device: str = "cpu", dtype: str = "float32") -> 
     from transformers import ViTConfig, ViTModel
 
     cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TINY_TOWER,
         image_size=32,
         patch_size=8,
         layer_norm_eps=1e-6,
@@ -277,10 +270,7 @@ def tiny_clip_image(seed: int = 0, *, device: str = "cpu", dtype: str = "float32
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_TOWER,
         image_size=32,
         patch_size=8,
         projection_dim=16,
@@ -366,17 +356,11 @@ def tiny_pickscore(seed: int = 0, *, device: str = "cpu", dtype: str = "float32"
     cfg = CLIPConfig(
         text_config=dict(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_TOWER,
             max_position_embeddings=77,
         ),
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            **TINY_TOWER,
             image_size=32,
             patch_size=8,
         ),

@@ -109,7 +109,7 @@ class ClipTextAlignment:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, inputs: RewardInputs) -> dict[str, Tensor]:
-        check_images(images, inputs, "ClipTextAlignment")
+        check_images(images, inputs, type(self).__name__)
         pixels = self.transform(images, device=self.device).to(self.dtype)
         img = self.model.encode_image(pixels, normalize=True).float()
         txt = self.model.encode_text(

@@ -22,6 +22,15 @@ def _generators(seeds: list[int], device: str) -> list[Any]:
     return [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
 
+def _pipeline(cls: Any, components: dict[str, Any]) -> Any:
+    """A diffusers FLUX pipeline on the builders' components, without progress bars."""
+    from psr.models.builders import COMPONENTS
+
+    pipe = cls(**{k: components[k] for k in COMPONENTS})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _describe(components: dict[str, Any], label: str) -> str:
     cfg = getattr(components.get("transformer"), "config", None)
     path = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
@@ -66,18 +75,7 @@ class FluxText2Image:
     ) -> None:
         from diffusers import FluxPipeline
 
-        keys = (
-            "transformer",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "tokenizer",
-            "tokenizer_2",
-            "scheduler",
-        )
-        pipe: Any = FluxPipeline(**{k: components[k] for k in keys})
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
+        self.pipe = _pipeline(FluxPipeline, components)
         self.height, self.width = height, width
         self.steps, self.guidance, self.max_len = num_inference_steps, guidance_scale, max_sequence_length
         self.description = _describe(
@@ -130,18 +128,7 @@ class FluxKontextEditor:
     ) -> None:
         from diffusers import FluxKontextPipeline
 
-        keys = (
-            "transformer",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "tokenizer",
-            "tokenizer_2",
-            "scheduler",
-        )
-        pipe: Any = FluxKontextPipeline(**{k: components[k] for k in keys})
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
+        self.pipe = _pipeline(FluxKontextPipeline, components)
         self.input_size, self.letterbox = input_size, letterbox
         self.height, self.width = height or input_size, width or input_size
         self.steps, self.guidance, self.max_len = num_inference_steps, guidance_scale, max_sequence_length

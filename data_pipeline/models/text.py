@@ -192,7 +192,7 @@ class CausalLMPrompter:
         path: local model directory (or a hub id already in the cache); nothing is downloaded.
         edited_kinds: as in :class:`TemplatePrompter`.
         max_new_tokens: reply budget.
-        do_sample, temperature: sampling (seeded per batch from the records' seeds) or greedy.
+        do_sample, temperature: sampling (one record per call, seeded by its own seed) or greedy (batched).
         dtype, device: where the model runs.
         trust_remote_code: only if you trust the checkpoint's code.
         config_key: named in the error when ``path`` cannot be loaded.
