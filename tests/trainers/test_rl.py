@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import CONF, kill_after_checkpoint, metric, signal_at, start_trainer
+from trainer_helpers import (
+    CONF,
+    kill_after_checkpoint,
+    metric,
+    signal_at,
+    start_trainer,
+    velocities_with_exported_lora,
+)
 
 # Small and fast: 32 px (2x2 target tokens), 4 sampling steps, 2 groups of 4 per step.
 BASE = [
@@ -317,10 +324,8 @@ def test_quickstart_telemetry_grids_and_checkpoints(quickstart_run):
 
 
 def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
-    from diffusers import FluxKontextPipeline
     from safetensors.torch import load_file
 
-    from psr.models.builders import tiny_flux_kontext_components
     from psr.trainers.common import build_policy
 
     cfg, run_dir = quickstart_run
@@ -330,21 +335,7 @@ def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
         load_file(str(ckpt / "trainable.safetensors")), strict=False
     )
     assert not unexpected and not [k for k in missing if "lora_" in k]
-    pipe = FluxKontextPipeline(**tiny_flux_kontext_components(seed=0))
-    pipe.load_lora_weights(ckpt / "lora")
-    cond = policy.condition("the red disc", [torch.rand(3, 64, 64)], 64, 64)
-    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
-    ours = policy.velocity(x, 0.6, cond)
-    theirs = pipe.transformer(
-        hidden_states=torch.cat([x, cond.ref_tokens], dim=1),
-        timestep=torch.tensor([0.6]),
-        guidance=torch.tensor([2.5]),
-        pooled_projections=cond.pooled_prompt_embeds,
-        encoder_hidden_states=cond.prompt_embeds,
-        txt_ids=cond.text_ids,
-        img_ids=torch.cat([cond.img_ids, cond.ref_ids]),
-        return_dict=False,
-    )[0][:, :16]
+    ours, theirs, x, cond = velocities_with_exported_lora(policy, ckpt / "lora")
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     with policy.adapters_disabled():  # the LoRA did change the model
         assert not torch.allclose(policy.velocity(x, 0.6, cond), ours, atol=1e-6)

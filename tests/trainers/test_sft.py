@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import CONF, kill_after_checkpoint, metric, signal_at, start_trainer
+from trainer_helpers import (
+    CONF,
+    kill_after_checkpoint,
+    metric,
+    signal_at,
+    start_trainer,
+    velocities_with_exported_lora,
+)
 
 # Small and fast: synthetic records at 32 px (2x2 target tokens), LoRA rank 4, no validation.
 BASE = [
@@ -246,27 +253,12 @@ def _trained_policy(cfg, run_dir: Path):
 
 
 def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
-    from diffusers import FluxKontextPipeline
-
-    from psr.models.builders import tiny_flux_kontext_components
 
     cfg, run_dir, _ = quickstart_run
     policy = _trained_policy(cfg, run_dir)
-    pipe = FluxKontextPipeline(**tiny_flux_kontext_components(seed=0))
-    pipe.load_lora_weights(run_dir / "checkpoints" / "step_00000030" / "lora")
-    cond = policy.condition("the red disc", [torch.rand(3, 64, 64)], 64, 64)
-    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
-    ours = policy.velocity(x, 0.6, cond)
-    theirs = pipe.transformer(
-        hidden_states=torch.cat([x, cond.ref_tokens], dim=1),
-        timestep=torch.tensor([0.6]),
-        guidance=torch.tensor([2.5]),
-        pooled_projections=cond.pooled_prompt_embeds,
-        encoder_hidden_states=cond.prompt_embeds,
-        txt_ids=cond.text_ids,
-        img_ids=torch.cat([cond.img_ids, cond.ref_ids]),
-        return_dict=False,
-    )[0][:, :16]
+    ours, theirs, x, cond = velocities_with_exported_lora(
+        policy, run_dir / "checkpoints" / "step_00000030" / "lora"
+    )
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     with policy.adapters_disabled():  # the LoRA did learn something
         assert not torch.allclose(policy.velocity(x, 0.6, cond), ours, atol=1e-4)

@@ -105,3 +105,29 @@ def signal_at(trainer: Any, at: int, key: str) -> None:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     trainer.logger.log = log_and_signal
+
+
+def velocities_with_exported_lora(policy: Any, lora_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """``(ours, theirs, x, cond)``: the velocity of ``policy`` (trained weights loaded) and of
+    ``FluxKontextPipeline``'s transformer on the tiny model with the exported LoRA loaded by
+    ``load_lora_weights``, on the same noisy target tokens, one reference, t = 0.6."""
+    from diffusers import FluxKontextPipeline
+
+    from psr.models.builders import tiny_flux_kontext_components
+
+    pipe = FluxKontextPipeline(**tiny_flux_kontext_components(seed=0))
+    pipe.load_lora_weights(lora_dir)
+    cond = policy.condition("the red disc", [torch.rand(3, 64, 64)], 64, 64)
+    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = policy.velocity(x, 0.6, cond)
+    theirs = pipe.transformer(
+        hidden_states=torch.cat([x, cond.ref_tokens], dim=1),
+        timestep=torch.tensor([0.6]),
+        guidance=torch.tensor([2.5]),
+        pooled_projections=cond.pooled_prompt_embeds,
+        encoder_hidden_states=cond.prompt_embeds,
+        txt_ids=cond.text_ids,
+        img_ids=torch.cat([cond.img_ids, cond.ref_ids]),
+        return_dict=False,
+    )[0][:, :16]
+    return ours, theirs, x, cond
