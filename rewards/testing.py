@@ -25,7 +25,7 @@ from rewards.imaging import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Im
 from rewards.subject_consistency import SubjectConsistencyReward
 
 # the transformer towers of every tiny backbone: one layer of width 32, 2 heads
-TINY_TOWER: dict[str, int] = dict(
+TINY_TOWER: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
 )
 
