@@ -15,8 +15,10 @@ the same number of times in the same order; the docstrings say which functions a
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -128,6 +130,11 @@ def init_distributed(
         # A lone process picks a fresh local port each time, so parallel runs and re-initialization
         # after destroy() never collide on one.
         init_method = f"tcp://127.0.0.1:{free_port()}"
+    # torch._dynamo keeps a reference to the process group that exists when it is first imported
+    # (torch.optim imports it when the first optimizer is built), so destroy() would leave that group's
+    # threads running into interpreter teardown. Imported first, it holds none.
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(
         backend,
         init_method=init_method,
@@ -232,6 +239,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def destroy() -> None:
-    """Leave the process group if one is initialized."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group if one is initialized, with every sub-group made from it.
+
+    When a DeepSpeed engine ran in this process, DeepSpeed's own teardown is used: it also drops the
+    sub-groups DeepSpeed caches (ZeRO's data-parallel groups), so a later engine builds fresh ones and
+    no group's communication threads outlive this call.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ds_comm = sys.modules.get("deepspeed.comm")  # loaded only if an engine imported deepspeed
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()

@@ -582,9 +582,6 @@ class DeepSpeedEngine(_Shared):
         if int(stage) not in (2, 3):
             raise ValueError(f"engine.stage={stage}; expected 2 or 3")
         self._init_common(precision, ema_decay, backend, force_group=True)
-        # DeepSpeed caches sub-groups of this group for the life of the process: a later engine in
-        # the same process would find them stale, so cleanup() leaves the group to process exit.
-        self._owns_group = False
         # DeepSpeed reads these even when the group exists (srun sets only SLURM_* names)
         for key, value in (
             ("RANK", self.rank),

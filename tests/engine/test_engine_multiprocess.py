@@ -124,3 +124,28 @@ def test_collectives_and_preemption_agreement(two_process_run: Path) -> None:
         assert rep["objects"] == [{"rank": 0}, {"rank": 1}]
         assert rep["agreed"] and rep["has_rng"]
     assert [rep["local_flag"] for rep in reports] == [False, True]  # only rank 1 got the signal
+
+
+_GROUP_THREADS = """
+import os, torch
+from psr import distributed
+distributed.init_distributed("gloo", force=True)
+torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1.0)  # the first optimizer imports torch._dynamo
+distributed.destroy()
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux /proc")
+def test_destroy_ends_the_group_threads() -> None:
+    """After destroy() no gloo thread is left running into interpreter teardown (where they can abort it)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))
+    }
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _GROUP_THREADS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = done.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads
