@@ -159,14 +159,16 @@ class RLTrainer:
             first_group = self.engine.rank * self.prompts_per_step
         self.policy.eval()
         trajs = []
-        for i, rec in enumerate(records):
-            gid = first_group + i
-            cond = self.policy.condition(rec.prompt, rec.references, self.resolution, self.resolution)
-            gen = torch.Generator(self.engine.device).manual_seed(common.derive_seed(self.seed, step, gid))
-            with self.engine.gathered_parameters(), self.engine.autocast():
-                trajs.append(
-                    rollout(self.policy, cond, self.group_size, generator=gen, group_id=gid, **kwargs)
-                )
+        # one gathering for all records (ZeRO-3): ranks may hold different numbers of records
+        with self.engine.gathered_parameters():
+            for i, rec in enumerate(records):
+                gid = first_group + i
+                cond = self.policy.condition(rec.prompt, rec.references, self.resolution, self.resolution)
+                gen = torch.Generator(self.engine.device).manual_seed(common.derive_seed(self.seed, step, gid))
+                with self.engine.autocast():
+                    trajs.append(
+                        rollout(self.policy, cond, self.group_size, generator=gen, group_id=gid, **kwargs)
+                    )
         return trajs
 
     @torch.no_grad()
@@ -239,16 +241,28 @@ class RLTrainer:
     # ------------------------------------------------------------------ eval, grids, checkpoints
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """ODE samples of held-out prompts, scored by the same reward (deterministic noise)."""
+        """ODE samples of held-out prompts, scored by the same reward (deterministic noise).
+
+        Each rank samples a contiguous share of the prompts; group ids are the prompts' global indices
+        and scores are gathered in rank order, so the metrics are those one process would log. The
+        grid shows rank 0's share.
+        """
         if not self.heldout:
             return {}
         records = self.heldout[: int(self.cfg.train.eval_prompts)]
+        share = math.ceil(len(records) / self.engine.world_size)
+        first = self.engine.rank * share
+        mine = records[first : first + share]  # may be empty when there are fewer prompts than ranks
         with self.engine.ema_swap():  # the EMA weights when the engine keeps an EMA
-            trajs = self.rollout(records, step=-1, kind="ode")
-        scores = self.score(trajs, records)
+            trajs = self.rollout(mine, step=-1, first_group=first, kind="ode")
+        local = self.score(trajs, mine) if mine else {}
+        keys = next(k for k in self.engine.all_gather_object(sorted(local)) if k)
+        empty = torch.empty(0, device=self.engine.device)
+        scores = {k: self.engine.all_gather_tensor(local.get(k, empty)) for k in keys}
         metrics = {k.replace("reward/", "eval/reward/"): v for k, v in common.reward_metrics(scores).items()}
         self.logger.log(metrics, step=self.step)
-        self.log_grid(trajs, records, scores["score"], "eval/grid")
+        if mine:
+            self.log_grid(trajs, mine, local["score"], "eval/grid")
         return metrics
 
     def log_grid(

@@ -3,6 +3,7 @@
 Each rank rolls out its own prompt groups; rewards are gathered so advantages are those of the whole
 batch; gradients are averaged by the engine. With the same seeds, 2 processes x 1 group must give the
 metrics and weights of 1 process x 2 groups, and a checkpoint written by 2 processes must resume on 1.
+Held-out evaluation is split between the ranks and must log what one process logs.
 Tolerances: gradients are averaged by an all-reduce instead of summed in one process (~1e-8).
 Adam's first updates divide each gradient element by its own magnitude, so an element near zero can
 turn that rounding into a weight difference of up to ~1e-5 of lr; DPO's beta (2000) then scales
@@ -26,19 +27,29 @@ from psr.distributed import free_port
 COMMON = [
     "experiment=quickstart",
     "data.num_records=8",
-    "data.heldout=2",
+    "data.heldout=3",
     "data.image_size=32",
     "train.resolution=32",
     "train.group_size=4",
     "train.micro_batch=2",
-    "train.eval_every=0",
+    "train.eval_every=2",  # 3 held-out prompts: rank 0 samples two, rank 1 one
+    "train.eval_prompts=3",
     "train.grid_every=0",
     "train.checkpoint_every=2",
     "train.export_lora=false",
     "sampler.num_steps=4",
     "optim.grad_clip=null",
 ]
-KEYS = ("reward/score", "adv/std", "adv/mean", "train/loss", "train/grad_norm", "train/ratio_mean")
+KEYS = (
+    "reward/score",
+    "adv/std",
+    "adv/mean",
+    "train/loss",
+    "train/grad_norm",
+    "train/ratio_mean",
+    "eval/reward/score",
+    "eval/reward/score_std",
+)
 
 
 def _run(run_dir: Path, nproc: int, *overrides: str) -> None:
@@ -88,6 +99,7 @@ def test_two_processes_match_one_and_resume_on_one(runs: dict[str, Any]) -> None
     tol = TOL[runs["algo"]]
     one, two = _metrics(runs["one"]), _metrics(runs["two"])
     assert sorted(one) == sorted(two) == [1, 2, 3]
+    assert "eval/reward/score" in two[2]  # held-out evaluation shared between the 2 ranks
     for step in (1, 2, 3):  # 1, 2: two processes; 3: resumed on one process
         for key in KEYS:
             if key not in one[step]:  # e.g. ratios: GRPO only
