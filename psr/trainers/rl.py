@@ -164,7 +164,9 @@ class RLTrainer:
             for i, rec in enumerate(records):
                 gid = first_group + i
                 cond = self.policy.condition(rec.prompt, rec.references, self.resolution, self.resolution)
-                gen = torch.Generator(self.engine.device).manual_seed(common.derive_seed(self.seed, step, gid))
+                gen = torch.Generator(self.engine.device).manual_seed(
+                    common.derive_seed(self.seed, step, gid)
+                )
                 with self.engine.autocast():
                     trajs.append(
                         rollout(self.policy, cond, self.group_size, generator=gen, group_id=gid, **kwargs)
