@@ -6,6 +6,7 @@ Needs ``bash scripts/slurm_local.sh start`` (``.ci/run`` does it); fails, never 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -87,6 +88,30 @@ def test_data_array_matches_one_process(slurm: Slurm, tmp_path: Path) -> None:
     assert manifest.count("\n") >= 4, manifest  # the quickstart keeps most of its records
     assert manifest == (single / "export" / "manifest.jsonl").read_text()
     assert _tree_digest(data / "export" / "images") == _tree_digest(single / "export" / "images")
+
+
+def test_eval_two_tasks_matches_one_process(slurm: Slurm, tmp_path: Path) -> None:
+    """eval.sbatch with 2 tasks splits the records between its ranks and writes the scores and the
+    summary one local process writes, sample for sample."""
+    overrides = ("experiment=eval_quickstart", "data.num_records=5", "eval.resolution=32", "eval.num_steps=3")
+    job = slurm.sbatch("eval.sbatch", "--ntasks-per-node=2", overrides=overrides)
+    single = tmp_path / "single"
+    done = subprocess.run(
+        [str(Path(sys.prefix) / "bin" / "psr-eval"), *overrides, f"hydra.run.dir={single}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    slurm.assert_completed(slurm.wait(job, timeout=240), job)
+    run_dir = slurm.root / f"psr-eval-{job}"
+    assert ": 2 tasks, device cpu" in slurm.output(job)
+    rows = (run_dir / "scores.jsonl").read_text().splitlines()
+    assert len(rows) == 10  # 5 records x 2 samples
+    assert rows == (single / "scores.jsonl").read_text().splitlines()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary == json.loads((single / "summary.json").read_text())
 
 
 def _wait_for(what: str, predicate, slurm: Slurm, job: str, timeout: float = 120):
