@@ -1,7 +1,8 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_engine_multiprocess.py (gloo, CPU).
 
 Each rank trains on its half of the global batch with TorchEngine (data parallel), DeepSpeed
-ZeRO-2 and ZeRO-3 (with uneven numbers of gathered rollout forwards per rank), saves a 2-process
+ZeRO-2 and ZeRO-3 (with uneven numbers of gathered rollout forwards per rank, and a NaN backward on
+one rank that every rank drops), saves a 2-process
 checkpoint of the first two, resumes the ZeRO-2 one on 2 processes for
 one more step, and exercises the collectives and the preemption agreement. Results go to
 ``OUT/<engine>/...`` (checkpoints) and ``OUT/rank<r>.json``.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_cases import OPTIM, make_data, make_model, train_steps, trainable  # noqa: E402
+from engine_cases import OPTIM, loss_fn, make_data, make_model, train_steps, trainable  # noqa: E402
 
 from psr import checkpoint as ckpt  # noqa: E402
 from psr import distributed  # noqa: E402
@@ -72,6 +73,20 @@ def main(out: Path) -> None:
             world_size=world,
             barrier=engine.barrier,
         )
+    # a non-finite backward on rank 1 only, then zero_grad() on every rank (what the RL objectives do
+    # when any rank saw a NaN): the dropped gradients must not leak into the next, clean steps
+    for stage in (2, 3):
+        engine = build(f"ds_zero{stage}")
+        xs, ys = x.chunk(2)[rank], y.chunk(2)[rank]
+        with engine.autocast():
+            loss = loss_fn(engine.unwrap(), xs, ys)
+        engine.backward(loss * (float("nan") if rank == 1 else 1.0))
+        engine.zero_grad()
+        stats = train_steps(engine, xs, ys, steps=2, micro=2)
+        report[f"nan_then_clean_zero{stage}"] = {
+            "grad_norm": [s["grad_norm"] for s in stats],
+            "weights": {k: v.tolist() for k, v in engine.trainable_state_dict().items()},
+        }
     # resume the 2-process ZeRO-2 checkpoint on 2 processes and take one more step
     resumed = build("ds_zero2")
     state = ckpt.load_checkpoint(out / "ds_zero2" / "step_00000002", rank=resumed.rank)

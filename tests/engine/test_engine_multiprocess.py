@@ -86,6 +86,19 @@ def test_two_processes_match_one(two_process_run: Path) -> None:
             torch.testing.assert_close(weights[n], t, **TOL)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dropped_nonfinite_backward_leaves_no_trace(two_process_run: Path, stage: int) -> None:
+    """Rank 1 ran a NaN backward that both ranks dropped (zero_grad): the next two steps are those of
+    a run that never saw it, on both ranks."""
+    ref = _reference(steps=2)
+    expected = ref.trainable_state_dict()
+    for r in (0, 1):
+        got = json.loads((two_process_run / f"rank{r}.json").read_text())[f"nan_then_clean_zero{stage}"]
+        assert got["grad_norm"] == pytest.approx([s["grad_norm"] for s in ref.stats], rel=1e-6)
+        for n, t in expected.items():
+            torch.testing.assert_close(torch.tensor(got["weights"][n]), t, **TOL)
+
+
 def test_zero3_uneven_gathered_rollouts_then_training(two_process_run: Path) -> None:
     """Rank 0 ran one gathered forward, rank 1 three; no hang, and step 3 still matches 1 process."""
     expected = _reference(steps=3).trainable_state_dict()
