@@ -304,7 +304,8 @@ def tiny_flux_kontext(
     comps = tiny_flux_kontext_components(seed, fitted_vae=fitted_vae)
     dt = parse_dtype(dtype)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        comps[name].to(device=device, dtype=dt)
+        # built in float32; a dtype argument only when it changes (diffusers warns on any dtype cast)
+        comps[name].to(device=device, **({} if dt == torch.float32 else {"dtype": dt}))
     return FlowPolicy(
         **comps,
         position_scheme=position_scheme,
