@@ -16,6 +16,7 @@ a killed and resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -228,48 +229,71 @@ class SFTTrainer:
     # ------------------------------------------------------------------ validation, checkpoints
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Held-out records: a fixed-draw loss, ODE samples scored by the rewards, an image grid."""
+        """Held-out records: a fixed-draw loss, ODE samples scored by the rewards, an image grid.
+
+        Each rank takes a contiguous share of the records; draws are seeded by the record's global
+        index and results are gathered in rank order, so the metrics are those of one process. Ranks
+        run equally many forwards (a short share repeats a record with no weight: ZeRO-3 gathers
+        parameters in every forward). The grid shows rank 0's share.
+        """
         if len(self.val_dataset) == 0:
             return {}
         from psr.sampling.sampler import rollout
 
         self.policy.eval()
         device = self.engine.device
-        items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        share = math.ceil(len(self.val_dataset) / self.engine.world_size)
+        first = self.engine.rank * share
+        indices = list(range(first, min(first + share, len(self.val_dataset))))
+        padded = indices + [indices[-1] if indices else 0] * (share - len(indices))
+        items = [self.val_dataset[i] for i in indices]
         losses, images, rows, captions = [], [], [], []
         with self.engine.ema_swap(), self.engine.autocast():
-            for i, it in enumerate(items):
+            for k, i in enumerate(padded):
+                it = items[k] if k < len(items) else self.val_dataset[i]
                 batch = collate_sft([it])
                 gen = torch.Generator(device).manual_seed(derive_seed(self.seed, 2**31, i))
-                losses.append(self.batch_loss(batch, gen)[0].float())
+                loss = self.batch_loss(batch, gen)[0].float()
                 h, w = it["target"].shape[-2:]
                 cond = self.policy.condition(it["prompt"], it["references"], h, w)
                 with self.engine.gathered_parameters():
                     traj = rollout(self.policy, cond, 1, num_steps=self.val_steps, kind="ode", generator=gen)
+                if k >= len(items):
+                    continue  # padding
+                losses.append(loss.reshape(1))
                 images.append(traj.images[0].float().cpu())
                 rows.append([r.cpu() for r in it["references"]] + [it["target"], images[-1]])
                 captions.append(
-                    [f"ref {k + 1}: {s}" for k, s in enumerate(it["meta"]["subjects"])] + ["target", "sample"]
+                    [f"ref {j + 1}: {s}" for j, s in enumerate(it["meta"]["subjects"])] + ["target", "sample"]
                 )
-        metrics = {"val/loss": float(torch.stack(losses).mean())}
+        empty = torch.empty(0, device=device)
+        all_losses = self.engine.all_gather_tensor(torch.cat(losses) if losses else empty)
+        metrics = {"val/loss": float(all_losses.mean())}
         if self.reward is not None:
-            inputs = common.reward_inputs(
-                [
-                    {
-                        "prompt": it["meta"]["instruction"],
-                        "references": it["references"],
-                        "names": it["meta"]["subjects"],
-                        "categories": it["meta"]["categories"],
-                    }
-                    for it in items
-                ]
-            )
-            scores = self.reward(torch.stack(images).to(device), inputs)
+            local: dict[str, Tensor] = {}
+            if items:
+                inputs = common.reward_inputs(
+                    [
+                        {
+                            "prompt": it["meta"]["instruction"],
+                            "references": it["references"],
+                            "names": it["meta"]["subjects"],
+                            "categories": it["meta"]["categories"],
+                        }
+                        for it in items
+                    ]
+                )
+                local = {
+                    k: v.float().to(device)
+                    for k, v in self.reward(torch.stack(images).to(device), inputs).items()
+                }
+                for row, s in zip(captions, local["score"].tolist(), strict=True):
+                    row[-1] = f"sample {s:.3f}"
+            keys = next(k for k in self.engine.all_gather_object(sorted(local)) if k)
+            scores = {k: self.engine.all_gather_tensor(local.get(k, empty)) for k in keys}
             metrics.update(
                 {k.replace("reward/", "val/reward/"): v for k, v in common.reward_metrics(scores).items()}
             )
-            for row, s in zip(captions, scores["score"].tolist(), strict=True):
-                row[-1] = f"sample {s:.3f}"
         self.logger.log(metrics, step=self.step)
         if self.engine.is_main:
             self.logger.log_images("val/grid", common.make_grid(rows, captions), step=self.step)

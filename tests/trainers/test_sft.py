@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from trainer_helpers import (
+    BIN,
     CONF,
     kill_after_checkpoint,
     metric,
+    run_cli,
     signal_at,
     start_trainer,
     velocities_with_exported_lora,
@@ -344,3 +346,44 @@ def test_ema_weights_are_exported_and_validation_needs_heldout(tmp_path):
     torch.testing.assert_close(exported[name], shadow[key])
     with pytest.raises(ValueError, match="validation.every"):
         SFTTrainer(compose(tmp_path / "v", "validation.every=5", "data.heldout=0")).setup()
+
+
+def test_validation_split_between_two_processes_matches_one(tmp_path):
+    """3 held-out records on 2 ranks (2 + 1, the short share padded): the step-0 validation metrics
+    (fixed-draw loss and rewards, before any update) are those of one process."""
+    from psr.distributed import free_port
+
+    args = [
+        *(o for o in BASE if not o.startswith("validation.every")),
+        "data.num_records=9",
+        "data.heldout=3",
+        "validation.records=3",
+        "validation.every=1",
+        "train.steps=1",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli([str(BIN / "psr-sft"), *args, f"hydra.run.dir={one}"])
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    run_cli(
+        [
+            *torchrun,
+            "--master_port",
+            str(free_port()),
+            "--no-python",
+            str(BIN / "psr-sft"),
+            *args,
+            f"hydra.run.dir={two}",
+        ]
+    )
+
+    def step0(run_dir: Path) -> dict[str, float]:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in lines if r["step"] == 0 and "val/loss" in r)
+
+    a, b = step0(one), step0(two)
+    keys = [k for k in a if k.startswith("val/")]
+    assert "val/loss" in keys and any(k.startswith("val/reward/") for k in keys)
+    for key in keys:  # null: NaN, a reward that applies to none of the records
+        assert (b[key] is None) if a[key] is None else b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (
+            key
+        )
