@@ -498,6 +498,14 @@ def reward_inputs(records: Sequence[Any]) -> Any:
     return RewardInputs.from_records(records)
 
 
+def gather_scores(engine: Any, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's ``[n_r]`` scores concatenated in rank order (collective). A rank that scored
+    nothing passes ``{}``; the keys come from the first rank that has some."""
+    keys: list[str] = next((k for k in engine.all_gather_object(sorted(local)) if k), [])
+    empty = torch.empty(0, device=engine.device)
+    return {k: engine.all_gather_tensor(local.get(k, empty)) for k in keys}
+
+
 def reward_metrics(scores: dict[str, torch.Tensor]) -> dict[str, float]:
     """``{"reward/<key>": mean over samples where it applies}`` (NaN = does not apply), the std of
     the combined and of each component score (``reward/score_std``, ``reward/<name>/score_std``),

@@ -258,9 +258,7 @@ class RLTrainer:
         with self.engine.ema_swap():  # the EMA weights when the engine keeps an EMA
             trajs = self.rollout(mine, step=-1, first_group=first, kind="ode")
         local = self.score(trajs, mine) if mine else {}
-        keys = next(k for k in self.engine.all_gather_object(sorted(local)) if k)
-        empty = torch.empty(0, device=self.engine.device)
-        scores = {k: self.engine.all_gather_tensor(local.get(k, empty)) for k in keys}
+        scores = common.gather_scores(self.engine, local)
         metrics = {k.replace("reward/", "eval/reward/"): v for k, v in common.reward_metrics(scores).items()}
         self.logger.log(metrics, step=self.step)
         if mine:

@@ -289,8 +289,7 @@ class SFTTrainer:
                 }
                 for row, s in zip(captions, local["score"].tolist(), strict=True):
                     row[-1] = f"sample {s:.3f}"
-            keys = next(k for k in self.engine.all_gather_object(sorted(local)) if k)
-            scores = {k: self.engine.all_gather_tensor(local.get(k, empty)) for k in keys}
+            scores = common.gather_scores(self.engine, local)
             metrics.update(
                 {k.replace("reward/", "val/reward/"): v for k, v in common.reward_metrics(scores).items()}
             )
