@@ -16,6 +16,7 @@ the same number of times in the same order; the docstrings say which functions a
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import socket
 import sys
@@ -236,6 +237,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def split_evenly(n: int, rank: int, world_size: int) -> tuple[range, int]:
+    """This rank's contiguous share of ``n`` items (rank 0 first, so concatenating the shares in rank
+    order restores the items' order) and the largest share, which ranks that must run equally many
+    forwards pad to. A share may be empty when ``n`` < ``world_size``."""
+    size = math.ceil(n / world_size)
+    return range(min(rank * size, n), min((rank + 1) * size, n)), size
 
 
 def destroy() -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from psr import checkpoint as ckpt
 from psr.data.dataset import PromptRecord
+from psr.distributed import split_evenly
 from psr.objectives.advantages import combine_rewards, group_advantages
 from psr.objectives.rl import DPOObjective, GRPOObjective, merge_metrics
 from psr.sampling.sampler import rollout
@@ -252,11 +253,10 @@ class RLTrainer:
         if not self.heldout:
             return {}
         records = self.heldout[: int(self.cfg.train.eval_prompts)]
-        share = math.ceil(len(records) / self.engine.world_size)
-        first = self.engine.rank * share
-        mine = records[first : first + share]  # may be empty when there are fewer prompts than ranks
+        share, _ = split_evenly(len(records), self.engine.rank, self.engine.world_size)
+        mine = records[share.start : share.stop]  # may be empty: fewer prompts than ranks
         with self.engine.ema_swap():  # the EMA weights when the engine keeps an EMA
-            trajs = self.rollout(mine, step=-1, first_group=first, kind="ode")
+            trajs = self.rollout(mine, step=-1, first_group=share.start, kind="ode")
         local = self.score(trajs, mine) if mine else {}
         scores = common.gather_scores(self.engine, local)
         metrics = {k.replace("reward/", "eval/reward/"): v for k, v in common.reward_metrics(scores).items()}

@@ -16,7 +16,6 @@ a killed and resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from psr import checkpoint as ckpt
 from psr.data.dataset import BucketBatchSampler, SFTDataset, collate_sft, derive_seed, position_after
+from psr.distributed import split_evenly
 from psr.trainers import common
 from psr.trainers.common import load_initial_weights
 from psr.types import Batch, Conditioning
@@ -242,15 +242,12 @@ class SFTTrainer:
 
         self.policy.eval()
         device = self.engine.device
-        share = math.ceil(len(self.val_dataset) / self.engine.world_size)
-        first = self.engine.rank * share
-        indices = list(range(first, min(first + share, len(self.val_dataset))))
-        padded = indices + [indices[-1] if indices else 0] * (share - len(indices))
-        items = [self.val_dataset[i] for i in indices]
+        share, size = split_evenly(len(self.val_dataset), self.engine.rank, self.engine.world_size)
+        padded = [*share, *[share[-1] if share else 0] * (size - len(share))]
+        items = [self.val_dataset[i] for i in padded]
         losses, images, rows, captions = [], [], [], []
         with self.engine.ema_swap(), self.engine.autocast():
-            for k, i in enumerate(padded):
-                it = items[k] if k < len(items) else self.val_dataset[i]
+            for k, (i, it) in enumerate(zip(padded, items, strict=True)):
                 batch = collate_sft([it])
                 gen = torch.Generator(device).manual_seed(derive_seed(self.seed, 2**31, i))
                 loss = self.batch_loss(batch, gen)[0].float()
@@ -258,7 +255,7 @@ class SFTTrainer:
                 cond = self.policy.condition(it["prompt"], it["references"], h, w)
                 with self.engine.gathered_parameters():
                     traj = rollout(self.policy, cond, 1, num_steps=self.val_steps, kind="ode", generator=gen)
-                if k >= len(items):
+                if k >= len(share):
                     continue  # padding
                 losses.append(loss.reshape(1))
                 images.append(traj.images[0].float().cpu())
@@ -266,6 +263,7 @@ class SFTTrainer:
                 captions.append(
                     [f"ref {j + 1}: {s}" for j, s in enumerate(it["meta"]["subjects"])] + ["target", "sample"]
                 )
+        items = items[: len(share)]
         empty = torch.empty(0, device=device)
         all_losses = self.engine.all_gather_tensor(torch.cat(losses) if losses else empty)
         metrics = {"val/loss": float(all_losses.mean())}
