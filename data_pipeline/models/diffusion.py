@@ -53,7 +53,42 @@ def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 
     return canvas
 
 
-class FluxText2Image:
+class _FluxSampling:
+    """What both wrappers share: a diffusers pipeline on the components, the output size, the
+    sampling settings, and the call with them."""
+
+    def __init__(
+        self,
+        pipeline_cls: Any,
+        components: dict[str, Any],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        max_sequence_length: int,
+    ) -> None:
+        self.pipe = _pipeline(pipeline_cls, components)
+        self.height, self.width = height, width
+        self.steps, self.guidance, self.max_len = num_inference_steps, guidance_scale, max_sequence_length
+        self.description = _describe(
+            components, f"{pipeline_cls.__name__}[{num_inference_steps} steps, cfg {guidance_scale}]"
+        )
+
+    def _sample(self, prompts: list[str], seeds: list[int], **extra: Any) -> list[Image.Image]:
+        return self.pipe(
+            prompt=list(prompts),
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            max_sequence_length=self.max_len,
+            generator=_generators(seeds, str(self.pipe.device)),
+            output_type="pil",
+            **extra,
+        ).images
+
+
+class FluxText2Image(_FluxSampling):
     """Text-to-image with ``diffusers.FluxPipeline`` (FLUX.1-dev/-schnell/Kontext components).
 
     Args:
@@ -75,30 +110,17 @@ class FluxText2Image:
     ) -> None:
         from diffusers import FluxPipeline
 
-        self.pipe = _pipeline(FluxPipeline, components)
-        self.height, self.width = height, width
-        self.steps, self.guidance, self.max_len = num_inference_steps, guidance_scale, max_sequence_length
-        self.description = _describe(
-            components, f"FluxPipeline[{num_inference_steps} steps, cfg {guidance_scale}]"
+        super().__init__(
+            FluxPipeline, components, height, width, num_inference_steps, guidance_scale, max_sequence_length
         )
 
     def render(
         self, prompts: list[str], seeds: list[int], categories: list[list[str]] | None = None
     ) -> list[Rendered]:
-        out = self.pipe(
-            prompt=list(prompts),
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            max_sequence_length=self.max_len,
-            generator=_generators(seeds, str(self.pipe.device)),
-            output_type="pil",
-        ).images
-        return [Rendered(im, {}) for im in out]
+        return [Rendered(im, {}) for im in self._sample(prompts, seeds)]
 
 
-class FluxKontextEditor:
+class FluxKontextEditor(_FluxSampling):
     """Image + instruction -> image with ``diffusers.FluxKontextPipeline`` (one input image each).
 
     Used for the references (a crop re-rendered in a new scene) and for edits of the target. A
@@ -128,13 +150,16 @@ class FluxKontextEditor:
     ) -> None:
         from diffusers import FluxKontextPipeline
 
-        self.pipe = _pipeline(FluxKontextPipeline, components)
-        self.input_size, self.letterbox = input_size, letterbox
-        self.height, self.width = height or input_size, width or input_size
-        self.steps, self.guidance, self.max_len = num_inference_steps, guidance_scale, max_sequence_length
-        self.description = _describe(
-            components, f"FluxKontextPipeline[{num_inference_steps} steps, cfg {guidance_scale}]"
+        super().__init__(
+            FluxKontextPipeline,
+            components,
+            height or input_size,
+            width or input_size,
+            num_inference_steps,
+            guidance_scale,
+            max_sequence_length,
         )
+        self.input_size, self.letterbox = input_size, letterbox
 
     def edit(
         self,
@@ -149,17 +174,7 @@ class FluxKontextEditor:
             inputs = [
                 im.convert("RGB").resize((self.width, self.height), Image.Resampling.BICUBIC) for im in images
             ]
-        return self.pipe(
-            image=inputs,
-            prompt=list(prompts),
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            max_sequence_length=self.max_len,
-            generator=_generators(seeds, str(self.pipe.device)),
-            output_type="pil",
-            # without these Kontext rescales every input to ~1024^2 (diffusers' preferred sizes)
-            max_area=self.height * self.width,
-            _auto_resize=False,
-        ).images
+        # without max_area and _auto_resize Kontext rescales every input to ~1024^2 (diffusers' sizes)
+        return self._sample(
+            prompts, seeds, image=inputs, max_area=self.height * self.width, _auto_resize=False
+        )
