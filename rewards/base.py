@@ -27,6 +27,7 @@ __all__ = [
     "RewardInputs",
     "Reward",
     "WeightedReward",
+    "build_reward",
     "weighted_score",
     "check_images",
     "resolve_dtype",
@@ -184,34 +185,86 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
+def build_reward(node: Any, device: torch.device | str) -> Reward:
+    """Instantiate a reward config node (``_target_``: a ``conf/reward/*.yaml``) on ``device``.
+
+    Every ``device`` key in the node's tree (a weighted reward's components, a PSR reward's detector
+    and embedder) is set to ``device``, on a copy: the run's config is left as written.
+    """
+    import copy
+
+    from hydra.utils import instantiate
+
+    from rewards.cli import set_everywhere
+
+    if "_target_" not in node:
+        raise ValueError(f"a reward config needs _target_ (conf/reward/*.yaml); got keys {sorted(node)}")
+    node = copy.deepcopy(node)
+    set_everywhere(node, "device", str(device))
+    return instantiate(node)  # type: ignore[no-any-return]
+
+
 def weighted_score(components: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """NaN-aware weighted sum of ``[B]`` component scores.
+    """NaN-aware weighted sum of ``[B]`` component scores: the one place rewards are combined.
 
     ``R_b = (W / W_b) * sum_{j applies to b} w_j r_jb`` with ``W = sum_j w_j`` and ``W_b`` the total
     weight of the components that are not NaN for sample b. When every component applies this is
     the plain weighted sum; when one does not (NaN: "does not apply"), it contributes nothing and the
-    others are scaled up so the total weight stays W (the weights are renormalized over the
-    components that apply). A sample to which no component with positive weight applies gets NaN.
-    The same rule as the trainer's ``combine_rewards`` without group normalization.
+    others are scaled up so the total weight stays W, keeping R on one scale across samples. A sample
+    to which no component with positive weight applies gets NaN. :class:`WeightedReward` uses it as
+    is; psr's ``combine_rewards`` first z-scores each component within its prompt group.
+
+    Args:
+        components: name -> ``[B]`` scores (higher is better, NaN where the reward does not apply;
+            never infinite), all on one device.
+        weights: name -> weight, finite and >= 0, naming exactly the components, at least one > 0.
 
     Returns:
-        ``[B]`` float32, computed in float64.
+        ``[B]`` float32 (float64 if a component is float64), computed in float64.
     """
-    total = sum(float(weights[n]) for n in components)
-    out: Tensor | None = None
+    if not components:
+        raise ValueError("weighted_score: no reward components given")
+    missing = sorted(set(components) - set(weights))
+    extra = sorted(set(weights) - set(components))
+    if missing or extra:
+        raise ValueError(
+            f"weighted_score: weights must name exactly the reward components {sorted(components)}; "
+            f"missing weights for {missing}, weights without a component: {extra} (check reward.weights)"
+        )
+    for name, w in weights.items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(
+                f"weighted_score: weight of reward '{name}' is {w}; weights must be finite and >= 0"
+            )
+    total = sum(float(w) for w in weights.values())
+    if total <= 0:
+        raise ValueError(
+            f"weighted_score: the reward weights {dict(weights)} sum to 0; give one a positive weight"
+        )
+    out_dtype = torch.float32
+    weighted_sum: Tensor | None = None
     applied: Tensor | None = None
     for name, comp in components.items():
+        if comp.ndim != 1:
+            raise ValueError(
+                f"weighted_score: reward component '{name}' must be [B]; got {tuple(comp.shape)}"
+            )
+        if comp.dtype == torch.float64:
+            out_dtype = torch.float64
         r = comp.detach().to(torch.float64)
+        if torch.isinf(r).any():
+            raise ValueError(
+                f"weighted_score: reward component '{name}' has infinite values; use NaN for 'does not apply'"
+            )
         applies = ~torch.isnan(r)
         w = float(weights[name])
         term = torch.where(applies, w * r, torch.zeros_like(r))
-        out = term if out is None else out + term
-        app = applies.to(torch.float64) * w
-        applied = app if applied is None else applied + app
-    if out is None or applied is None:
-        raise ValueError("weighted_score: no components")
+        weight_here = applies.to(torch.float64) * w
+        weighted_sum = term if weighted_sum is None else weighted_sum + term
+        applied = weight_here if applied is None else applied + weight_here
+    assert weighted_sum is not None and applied is not None  # components is not empty
     # 0/0 -> NaN where nothing with positive weight applies
-    return (out * total / applied).to(torch.float32)
+    return (weighted_sum * total / applied).to(out_dtype)
 
 
 class WeightedReward:
@@ -273,7 +326,7 @@ class WeightedReward:
                     )
                 out[f"{name}/{key}"] = value.float()
             components[name] = result["score"]
-        out["score"] = weighted_score(components, self.weights).to(images.device)
+        out["score"] = weighted_score(components, self.weights).to(device=images.device, dtype=torch.float32)
         return out
 
     def __repr__(self) -> str:

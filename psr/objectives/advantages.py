@@ -1,13 +1,15 @@
-r"""Rewards to per-sample advantages for group-relative RL (PSR_METHOD.md §4).
+r"""Rewards to per-sample advantages for group-relative RL (docs/method.md §4).
 
 Pure functions:
 
 - :func:`combine_rewards`: ``R_i = sum_j w_j r_ij`` over reward components (PSR: 0.4 R_PSR +
   0.4 R_semantic + 0.2 R_HPSv3), optionally z-scoring each component within its prompt group first
   so that rewards of different scales (a 0-10 VLM score next to a cosine similarity) weigh as
-  their weights say. A NaN component means "does not apply to this sample" (the reward protocol of
-  ``rewards.base``): it contributes nothing and the weights of the components that do apply are
-  rescaled to the full weight total, per sample.
+  their weights say. The weighted sum is :func:`rewards.base.weighted_score`, the one NaN-aware
+  combination (a NaN component means "does not apply to this sample": it contributes nothing and
+  the weights of the components that do apply are rescaled to the full weight total, per sample).
+- :func:`reward_components`, :func:`component_weights`: a weighted reward's per-reward scores and
+  weights, read from its output and from the reward.
 - :func:`group_advantages`: ``A_i = (R_i - mean_g R) / (std + eps)``, the std taken within the
   group g (default) or over the whole batch (``global_std``, Flow-GRPO's FLUX Kontext setting),
   then clipped to ``[-clip, clip]``.
@@ -30,13 +32,21 @@ come back in the input's float dtype (float32 for integer inputs).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["combine_rewards", "group_advantages", "zero_variance_groups"]
+from rewards.base import weighted_score
+
+__all__ = [
+    "combine_rewards",
+    "component_weights",
+    "group_advantages",
+    "reward_components",
+    "zero_variance_groups",
+]
 
 
 def _check_batch(name: str, t: Tensor, batch: int | None = None) -> None:
@@ -104,7 +114,7 @@ def combine_rewards(
     eps: float = 1e-4,
     zero_var_tol: float = 1e-6,
 ) -> Tensor:
-    """Weighted sum of reward components per sample, NaN-aware.
+    """Weighted sum of reward components per sample, NaN-aware (:func:`rewards.base.weighted_score`).
 
     ``R_i = (W / W_i) sum_{j applies to i} w_j r_ij`` with ``W = sum_j w_j`` and ``W_i`` the sum of
     the weights of the components that apply to sample i (non-NaN): when every component applies
@@ -119,62 +129,51 @@ def combine_rewards(
 
     Args:
         components: name -> ``[B]`` scores (higher is better, NaN where the reward does not apply).
-        weights: name -> weight >= 0; must name exactly the components (``reward.*.weight``).
+        weights: name -> weight >= 0; must name exactly the components (``reward.weights``).
         group_ids: ``[B]`` integer prompt-group ids.
         normalize_per_reward: z-score each component within its group before weighting
-            (``advantage.normalize_per_reward``).
+            (``algo.normalize_per_reward``).
         eps: added to the group std in the z-score.
         zero_var_tol: std at or below which a component counts as constant in a group.
 
     Returns:
-        ``[B]`` combined reward, float32 (float64 if a component is float64).
+        ``[B]`` combined reward on ``group_ids``' device, float32 (float64 if a component is float64).
     """
-    if not components:
-        raise ValueError("combine_rewards: no reward components given")
-    missing = sorted(set(components) - set(weights))
-    extra = sorted(set(weights) - set(components))
-    if missing or extra:
-        raise ValueError(
-            f"combine_rewards: weights must name exactly the reward components {sorted(components)}; "
-            f"missing weights for {missing}, weights without a component: {extra} (check reward.*.weight)"
-        )
-    for name, w in weights.items():
-        if not (math.isfinite(float(w)) and float(w) >= 0):
-            raise ValueError(
-                f"combine_rewards: weight of reward '{name}' is {w}; weights must be finite and >= 0"
-            )
-    total_weight = sum(float(w) for w in weights.values())
-    if total_weight <= 0:
-        raise ValueError(
-            f"combine_rewards: the reward weights {dict(weights)} sum to 0; give one a positive weight"
-        )
     if eps < 0:
         raise ValueError(f"combine_rewards: eps={eps} must be >= 0")
-
     inverse, num_groups = _group_index(group_ids)
     batch = group_ids.shape[0]
     dtype = functools.reduce(torch.promote_types, (_out_dtype(c) for c in components.values()), torch.float32)
-    weighted_sum = torch.zeros(batch, dtype=torch.float64, device=group_ids.device)
-    applied_weight = torch.zeros_like(weighted_sum)
+    prepared: dict[str, Tensor] = {}
     for name, comp in components.items():
         _check_batch(f"reward component '{name}'", comp, batch)
         r = comp.detach().to(device=group_ids.device, dtype=torch.float64)
-        if torch.isinf(r).any():
-            raise ValueError(
-                f"combine_rewards: reward component '{name}' has infinite values; use NaN for 'does not apply'"
-            )
-        applies = ~torch.isnan(r)
-        if normalize_per_reward:
+        if normalize_per_reward and not torch.isinf(r).any():  # weighted_score names infinite values
             mean, std, _ = _group_moments(r, inverse, num_groups)
             z = (r - mean[inverse]) / (std[inverse] + eps)
             # a constant component ranks nothing: exactly 0, not rounding noise / eps
             z = torch.where(std[inverse] <= zero_var_tol, torch.zeros_like(z), z)
-            r = torch.where(applies, z, r)
-        w = float(weights[name])
-        weighted_sum += torch.where(applies, w * r, torch.zeros_like(r))
-        applied_weight += applies.to(torch.float64) * w
-    combined = weighted_sum * total_weight / applied_weight  # NaN (0/0) where nothing weighted applies
-    return combined.to(dtype)
+            r = torch.where(torch.isnan(r), r, z)
+        prepared[name] = r
+    return weighted_score(prepared, weights).to(dtype)
+
+
+def reward_components(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The per-reward scores of a weighted reward's output (``<name>/score``, see
+    :class:`rewards.base.WeightedReward`), by name; ``{}`` for a single reward."""
+    return {k[: -len("/score")]: v for k, v in scores.items() if k.endswith("/score")}
+
+
+def component_weights(reward: Any, components: Mapping[str, Tensor]) -> dict[str, float]:
+    """The weights of ``components`` in a weighted reward (its ``weights``, ``reward.weights``)."""
+    if not components:
+        return {}
+    weights = getattr(reward, "weights", None)
+    if weights is None or set(components) - set(weights):
+        raise ValueError(
+            f"reward components {sorted(components)} have no weights in {type(reward).__name__} (reward.weights)"
+        )
+    return {k: float(weights[k]) for k in components}
 
 
 def group_advantages(
@@ -197,9 +196,9 @@ def group_advantages(
         rewards: ``[B]`` finite combined rewards (this rank's samples; a group never straddles ranks).
         group_ids: ``[B]`` integer prompt-group ids.
         global_std: divide by the std over the whole batch instead of the group's
-            (``advantage.global_std``; Flow-GRPO's FLUX Kontext config uses it).
-        eps: added to the std (``advantage.eps``; Flow-GRPO 1e-4).
-        clip: ``A_max`` > 0 (``advantage.clip``; 5); ``math.inf`` disables clipping.
+            (``algo.global_std``; Flow-GRPO's FLUX Kontext config uses it).
+        eps: added to the std (``algo.eps``; Flow-GRPO 1e-4).
+        clip: ``A_max`` > 0 (``algo.clip``; 5); ``math.inf`` disables clipping.
         zero_var_tol: a group whose reward std is <= this is a zero-variance group.
         global_rewards: with ``global_std``, the rewards of all ranks (``[B_total]``) whose std is
             used; None uses ``rewards``. Ignored without ``global_std``.
@@ -219,9 +218,9 @@ def group_advantages(
             "resolve NaN ('does not apply') before computing advantages"
         )
     if eps < 0:
-        raise ValueError(f"group_advantages: eps={eps} must be >= 0 (advantage.eps)")
+        raise ValueError(f"group_advantages: eps={eps} must be >= 0 (algo.eps)")
     if not clip > 0:
-        raise ValueError(f"group_advantages: clip={clip} must be > 0 (advantage.clip)")
+        raise ValueError(f"group_advantages: clip={clip} must be > 0 (algo.clip)")
     if not eps > 0 and not global_std and zero_var_tol <= 0:
         raise ValueError("group_advantages: eps=0 with zero_var_tol=0 divides by zero for constant groups")
 

@@ -1,7 +1,11 @@
-r"""Online Diffusion-DPO for flow models, with FocusDPO-style patch weighting (PSR_METHOD.md §4).
+r"""Online Diffusion-DPO for flow models, with FocusDPO-style patch weighting (docs/method.md §4):
+the math as pure functions, and :class:`DPOObjective`, the update that makes pairs from a step's
+rewards and trains on them.
 
 Pairs come from the rollouts of one prompt group (:func:`make_pairs`). For a pair (w, l) noised
-with a shared t and noise, u the target velocity ``eps - x_0``:
+with a shared t and noise (:func:`psr.objectives.flow_matching.noisy_latents`), u the target
+velocity ``eps - x_0`` and e the per-sample errors of
+:func:`psr.objectives.flow_matching.flow_matching_errors`:
 
     e_w = |v_theta(x^w_t) - u^w|^2,   e_ref_w = |v_ref(x^w_t) - u^w|^2   (mean over tokens/channels)
     L = -log sigmoid(-(beta/2) [(e_w - e_ref_w) - (e_l - e_ref_l)])
@@ -19,18 +23,31 @@ normalized to mean 1 per sample so the loss keeps its scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from psr.objectives.accumulate import LossPiece, accumulate, chunks
+from psr.objectives.flow_matching import flow_matching_errors, noisy_latents, target_velocity
+from psr.objectives.protocol import StepRewards, UpdateResult
+from psr.seeding import derive_seed
+from psr.types import Trajectory
+
+if TYPE_CHECKING:
+    from psr.engine import Engine
+    from psr.models.policy import FlowPolicy
+
 __all__ = [
-    "PAIR_MODES",
+    "DPOObjective",
     "FOCUS_SCHEDULES",
-    "make_pairs",
+    "PAIR_MODES",
     "diffusion_dpo_loss",
-    "flow_matching_errors",
     "focus_weights",
+    "make_pairs",
     "patch_reference_similarity",
 ]
 
@@ -134,40 +151,6 @@ def diffusion_dpo_loss(
     return loss, metrics
 
 
-def flow_matching_errors(v_pred: Tensor, target_v: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Per-sample mean squared velocity error, optionally weighted per token.
-
-    ``e_b = mean_{n,c} w_bn (v_bnc - u_bnc)^2`` with ``w_b`` normalized to mean 1 over tokens, so
-    uniform weights give the plain mean and any weighting keeps the error's scale.
-
-    Args:
-        v_pred: ``[B, N, C]`` predicted velocity (any float dtype; with grad).
-        target_v: ``[B, N, C]`` target velocity ``eps - x_0``.
-        weights: ``[B, N]`` >= 0 per-token weights with a positive sum per sample, or None. They
-            are treated as data (detached): the focus says where to look, it is not learned.
-
-    Returns:
-        ``[B]`` in fp32 (fp64 when an input is fp64).
-    """
-    if v_pred.ndim != 3 or target_v.shape != v_pred.shape:
-        raise ValueError(
-            f"flow_matching_errors: v_pred {tuple(v_pred.shape)} and target_v {tuple(target_v.shape)} must both be [B, N, C]"
-        )
-    dtype = torch.float64 if torch.float64 in (v_pred.dtype, target_v.dtype) else torch.float32
-    sq = (v_pred.to(dtype) - target_v.to(dtype)) ** 2  # [B, N, C]
-    if weights is None:
-        return sq.mean(dim=(1, 2))
-    if weights.shape != v_pred.shape[:2]:
-        raise ValueError(
-            f"flow_matching_errors: weights {tuple(weights.shape)} must be [B, N] = {tuple(v_pred.shape[:2])}"
-        )
-    w = weights.detach().to(dtype)
-    if (w < 0).any() or not torch.isfinite(w).all() or (w.sum(dim=1) <= 0).any():
-        raise ValueError("flow_matching_errors: weights must be finite, >= 0, with a positive sum per sample")
-    w = w / w.mean(dim=1, keepdim=True)
-    return (sq.mean(dim=2) * w).mean(dim=1)
-
-
 def focus_weights(
     ref_similarity: Tensor, sigma: Tensor, *, strength: float, schedule: str = "linear"
 ) -> Tensor:
@@ -254,3 +237,134 @@ def patch_reference_similarity(target_tokens: Tensor, ref_tokens: Tensor) -> Ten
         tgt = F.normalize(target_tokens.to(dtype), dim=-1)  # zero tokens stay 0 -> similarity 0
         ref = F.normalize(ref_tokens.to(dtype), dim=-1).expand(b, -1, -1)
         return torch.bmm(tgt, ref.transpose(1, 2)).amax(dim=2)  # [B, N, R] -> [B, N]
+
+
+# one DPO piece of work: (trajectory, pairs [P, 2] of sample indices, chunk index)
+_Piece = tuple[Trajectory, Tensor, int]
+
+
+@dataclass
+class DPOObjective:
+    """Online Diffusion-DPO on in-group pairs (best vs worst, or all pairs above a margin)
+    (docs/method.md §4). Keys of ``conf/algo/dpo.yaml`` are these fields.
+
+    Attributes:
+        micro_batch_size: samples per forward, i.e. ``micro_batch_size // 2`` pairs
+            (``train.micro_batch_size``).
+        inner_epochs: passes over the step's pairs, one optimizer step each (``train.inner_epochs``).
+        beta: Diffusion-DPO beta (velocity errors are mean-reduced per sample).
+        pairs: ``best_worst`` | ``all_pairs``.
+        margin: pairs whose reward gap is not above this are skipped.
+        timesteps_per_pair: shared (t, noise) draws per pair per update.
+        focus: FocusDPO-style per-patch weighting towards subject patches.
+        focus_strength: the focus's strength (:func:`focus_weights`).
+        focus_schedule: ``linear`` | ``constant``.
+        normalize_per_reward: rank by the weighted sum of each reward component z-scored within its
+            group, instead of the reward's own combined score.
+    """
+
+    micro_batch_size: int
+    inner_epochs: int = 1
+    beta: float = 2000.0
+    pairs: str = "best_worst"
+    margin: float = 0.0
+    timesteps_per_pair: int = 2
+    focus: bool = False
+    focus_strength: float = 1.0
+    focus_schedule: str = "linear"
+    normalize_per_reward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIR_MODES:
+            raise ValueError(f"algo.pairs={self.pairs!r}; expected one of {PAIR_MODES}")
+        if self.focus_schedule not in FOCUS_SCHEDULES:
+            raise ValueError(
+                f"algo.focus_schedule={self.focus_schedule!r}; expected one of {FOCUS_SCHEDULES}"
+            )
+        if self.timesteps_per_pair < 1:
+            raise ValueError(f"algo.timesteps_per_pair={self.timesteps_per_pair} must be >= 1")
+        if self.micro_batch_size < 1 or self.inner_epochs < 1:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} and train.inner_epochs={self.inner_epochs} "
+                "must be >= 1"
+            )
+        ranges = (
+            ("beta", self.beta > 0, "> 0"),
+            ("margin", self.margin >= 0, ">= 0"),
+            ("focus_strength", self.focus_strength >= 0, ">= 0"),
+        )
+        for key, ok, rule in ranges:
+            if not (ok and math.isfinite(getattr(self, key))):
+                raise ValueError(f"algo.{key}={getattr(self, key)} must be finite and {rule}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the update runs the reference policy (always: the DPO loss compares with it)."""
+        return True
+
+    def update(
+        self,
+        policy: FlowPolicy,
+        engine: Engine,
+        trajs: Sequence[Trajectory],
+        rewards: StepRewards,
+        seed: int,
+    ) -> UpdateResult:
+        """One DPO update (:class:`~psr.objectives.protocol.Objective`); (t, noise) per piece from
+        ``(seed, group id, piece, epoch)``, so the draws do not depend on how groups are spread over
+        ranks. Samples to which no reward applies (NaN) are never paired."""
+        combined = rewards.combined(normalize_per_reward=self.normalize_per_reward)
+        work: list[_Piece] = []
+        for traj, r in zip(trajs, rewards.split_local(combined, trajs), strict=True):
+            ok = torch.nonzero(~torch.isnan(r)).flatten()
+            pairs = make_pairs(r[ok], torch.zeros_like(ok), mode=self.pairs, margin=self.margin)
+            pairs = ok[pairs] if len(pairs) else pairs
+            work.extend((traj, p, j) for j, p in enumerate(chunks(pairs, max(1, self.micro_batch_size // 2))))
+
+        def filler() -> _Piece:
+            return trajs[0], torch.tensor([[0, 1]], device=trajs[0].latents.device), 0
+
+        def losses(piece: _Piece, epoch: int) -> Iterator[LossPiece]:
+            traj, pairs, j = piece
+            gen = torch.Generator().manual_seed(
+                derive_seed(seed, "objective", int(traj.group_ids[0]), j, epoch)
+            )
+            where = f"DPO pairs of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+            for _ in range(self.timesteps_per_pair):
+                loss, m = self._pair_loss(policy, engine, traj, pairs, gen)
+                yield LossPiece(loss, m, len(pairs), True, where)
+
+        return accumulate(
+            engine,
+            work,
+            filler,
+            lambda piece: len(piece[1]) * self.timesteps_per_pair,
+            losses,
+            self.inner_epochs,
+        )
+
+    def _pair_loss(
+        self, policy: FlowPolicy, engine: Engine, traj: Trajectory, pairs: Tensor, gen: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Shared (t, noise) for winner and loser, as Diffusion-DPO prescribes."""
+        x0 = traj.latents[:, -1]  # [G, N, C] clean latents
+        win, lose = pairs[:, 0], pairs[:, 1]
+        p = len(pairs)
+        t = torch.rand(p, generator=gen).to(x0.device)
+        noise = torch.randn(p, *x0.shape[1:], generator=gen).to(x0.device)
+        x = torch.cat([x0[win], x0[lose]]).float()  # [2P, N, C]
+        eps = torch.cat([noise, noise])
+        tt = torch.cat([t, t])
+        x_t = noisy_latents(x, eps, tt)
+        target = target_velocity(x, eps)
+        weights = None
+        if self.focus:
+            sim = patch_reference_similarity(x, traj.cond.ref_tokens.float())
+            weights = focus_weights(sim, tt, strength=self.focus_strength, schedule=self.focus_schedule)
+        with engine.autocast():
+            v = policy.velocity(x_t, tt, traj.cond).float()
+        with torch.no_grad(), policy.reference_policy(), engine.autocast():
+            v_ref = policy.velocity(x_t, tt, traj.cond).float()
+        err = flow_matching_errors(v, target, weights)
+        err_ref = flow_matching_errors(v_ref, target, weights)
+        return diffusion_dpo_loss(err[:p], err_ref[:p], err[p:], err_ref[p:], self.beta)

@@ -1,10 +1,12 @@
-r"""The supervised flow-matching objective of the SFT stage (PSR_METHOD.md §1-3).
+r"""Flow-matching math (written here once: SFT's loss and Diffusion-DPO's errors use it) and the
+supervised flow-matching objective of the SFT stage (docs/method.md §1-3).
 
 Rectified flow in diffusers' convention: a noise level ``t = sigma`` in [0, 1],
 
-    x_t = (1 - t) x_0 + t eps,    eps ~ N(0, I),    target velocity u = eps - x_0,
+    x_t = (1 - t) x_0 + t eps,    eps ~ N(0, I),    target velocity u = eps - x_0
 
-and the loss is the (optionally weighted) mean squared error between the policy's velocity at
+(:func:`noisy_latents`, :func:`target_velocity`), per-sample errors
+``e_b = mean_{n,c} (v_bnc - u_bnc)^2`` (:func:`flow_matching_errors`), and the SFT loss is the (optionally weighted) mean squared error between the policy's velocity at
 ``(x_t, t)`` and ``u``, on the **target tokens only**: the reference tokens are clean context that
 the policy appends from the conditioning at every call (:meth:`psr.models.policy.FlowPolicy.velocity`
 returns the target tokens alone), so they are never noised and never scored.
@@ -127,26 +129,50 @@ def loss_weights(sigmas: Tensor, scheme: str = "none") -> Tensor:
 
 
 def noisy_latents(x0: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
-    """``x_t = (1 - t) x_0 + t eps`` for ``x0, noise`` ``[B, N, C]`` and ``sigmas`` ``[B]``."""
+    """``x_t = (1 - t) x_0 + t eps`` for ``x0, noise`` ``[B, N, C]`` and ``sigmas`` ``[B]`` (in x0's dtype)."""
     t = sigmas.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1.0 - t) * x0 + t * noise
 
 
-def flow_matching_mse(pred: Tensor, x0: Tensor, noise: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Per-sample ``w * mean_{N,C} (pred - (eps - x_0))^2`` in float32 (float64 for float64 inputs).
+def target_velocity(x0: Tensor, noise: Tensor) -> Tensor:
+    """The rectified-flow target ``u = eps - x_0`` (``[B, N, C]``), in float32 at least (float64
+    for a float64 input): a bf16 difference would round away the small errors the loss compares."""
+    dtype = torch.float64 if torch.float64 in (x0.dtype, noise.dtype) else torch.float32
+    return noise.to(dtype) - x0.to(dtype)
+
+
+def flow_matching_errors(v_pred: Tensor, target_v: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per-sample mean squared velocity error, optionally weighted per token.
+
+    ``e_b = mean_{n,c} w_bn (v_bnc - u_bnc)^2`` with ``w_b`` normalized to mean 1 over tokens, so
+    uniform weights give the plain mean and any weighting keeps the error's scale.
 
     Args:
-        pred: predicted velocity ``[B, N, C]`` on the target tokens (any float dtype).
-        x0, noise: clean target latents and the noise, ``[B, N, C]``.
-        weights: ``[B]`` or None.
+        v_pred: ``[B, N, C]`` predicted velocity (any float dtype; with grad).
+        target_v: ``[B, N, C]`` target velocity ``eps - x_0`` (:func:`target_velocity`).
+        weights: ``[B, N]`` >= 0 per-token weights with a positive sum per sample, or None. They
+            are treated as data (detached): a focus says where to look, it is not learned.
 
     Returns:
-        ``[B]``; mean it for the batch loss.
+        ``[B]`` in fp32 (fp64 when an input is fp64).
     """
-    dtype = torch.float64 if torch.float64 in (pred.dtype, x0.dtype, noise.dtype) else torch.float32
-    target = noise.to(dtype) - x0.to(dtype)
-    err = (pred.to(dtype) - target).pow(2).flatten(1).mean(dim=1)
-    return err if weights is None else err * weights.to(dtype)
+    if v_pred.ndim != 3 or target_v.shape != v_pred.shape:
+        raise ValueError(
+            f"flow_matching_errors: v_pred {tuple(v_pred.shape)} and target_v {tuple(target_v.shape)} must both be [B, N, C]"
+        )
+    dtype = torch.float64 if torch.float64 in (v_pred.dtype, target_v.dtype) else torch.float32
+    sq = (v_pred.to(dtype) - target_v.to(dtype)) ** 2  # [B, N, C]
+    if weights is None:
+        return sq.mean(dim=(1, 2))
+    if weights.shape != v_pred.shape[:2]:
+        raise ValueError(
+            f"flow_matching_errors: weights {tuple(weights.shape)} must be [B, N] = {tuple(v_pred.shape[:2])}"
+        )
+    w = weights.detach().to(dtype)
+    if (w < 0).any() or not torch.isfinite(w).all() or (w.sum(dim=1) <= 0).any():
+        raise ValueError("flow_matching_errors: weights must be finite, >= 0, with a positive sum per sample")
+    w = w / w.mean(dim=1, keepdim=True)
+    return (sq.mean(dim=2) * w).mean(dim=1)
 
 
 @dataclass
@@ -210,7 +236,7 @@ class FlowMatchingLoss:
                 and ``scheduler_config``).
             x0: clean packed target latents ``[B, N, C]`` (``FlowPolicy.encode_images``).
             cond: conditioning of the B samples: leading dim 1 (shared) or B (stacked, see
-                :func:`psr.trainers.sft.stack_conditionings`); ids shared.
+                :func:`psr.models.policy.stack_conditionings`); ids shared.
             generator: draws ``sigmas`` and ``noise`` when they are not given (on ``x0``'s device).
             sigmas: ``[B]`` noise levels in (0, 1) to use instead of sampling.
             noise: ``[B, N, C]`` to use instead of sampling.
@@ -227,6 +253,6 @@ class FlowMatchingLoss:
         x0f = x0.float()
         x_t = noisy_latents(x0f, noise.float(), sigmas.float())  # [B, N, C] fp32; the policy casts
         pred = policy.velocity(x_t, sigmas, cond)  # [B, N, C] target tokens only
-        mse = flow_matching_mse(pred, x0f, noise)
+        mse = flow_matching_errors(pred, target_velocity(x0f, noise))
         per_sample = mse * loss_weights(sigmas.float(), self.weighting)
         return per_sample.mean(), {"mse": mse.detach(), "sigma": sigmas.detach()}

@@ -1,4 +1,5 @@
-r"""The GRPO objective on one trained sampling step (PSR_METHOD.md §4), as pure tensor math.
+r"""The GRPO objective (docs/method.md §4): the per-step loss as pure tensor math, and
+:class:`GRPOObjective`, the update that turns a step's rewards into advantages and trains on them.
 
 Per trained step k and sample i, with the per-step log-probs of :mod:`psr.sampling.sde`
 (Gaussian log-densities mean-reduced over latent dims, fp32):
@@ -11,19 +12,43 @@ Per trained step k and sample i, with the per-step log-probs of :mod:`psr.sampli
 Gaussian transitions, :func:`psr.sampling.sde.kl_gaussian_means`; it is computed by the caller and
 passed in, so that no log-prob or KL math is written twice.
 
-Which steps are trained is :func:`select_train_steps`. Log-probs and KL are not recomputed here.
+Which steps are trained is :func:`select_train_steps`; advantages are
+:func:`psr.objectives.advantages.group_advantages` of the whole step's rewards.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["clipped_surrogate", "grpo_step_loss", "select_train_steps", "TRAIN_STEP_MODES"]
+from psr.objectives.accumulate import LossPiece, accumulate, chunks
+from psr.objectives.advantages import group_advantages
+from psr.objectives.protocol import StepRewards, UpdateResult
+from psr.sampling.rollout import step_log_prob
+from psr.sampling.sde import kl_gaussian_means, noise_std
+from psr.seeding import derive_seed
+from psr.types import Trajectory
+
+if TYPE_CHECKING:
+    from psr.engine import Engine
+    from psr.models.policy import FlowPolicy
+
+__all__ = [
+    "GRPOObjective",
+    "KL_STDS",
+    "TRAIN_STEP_MODES",
+    "clipped_surrogate",
+    "grpo_step_loss",
+    "select_train_steps",
+]
 
 TRAIN_STEP_MODES = ("all", "first_fraction", "random_subset")
+KL_STDS = ("transition", "diffusion")
 
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
@@ -193,3 +218,151 @@ def select_train_steps(
     raise ValueError(
         f"select_train_steps: mode={mode!r}; expected one of {TRAIN_STEP_MODES} (algo.train_steps)"
     )
+
+
+# one GRPO piece of work: (trajectory, its advantages [G], trained step k, sample indices [M])
+_Piece = tuple[Trajectory, Tensor, int, Tensor]
+
+
+@dataclass
+class GRPOObjective:
+    """Flow-GRPO: group advantages, then the clipped surrogate on per-step ratios + beta KL to the
+    reference policy (docs/method.md §4). Keys of ``conf/algo/grpo.yaml`` are these fields.
+
+    Attributes:
+        micro_batch_size: samples per forward (``train.micro_batch_size``).
+        inner_epochs: passes over the step's samples, one optimizer step each (``train.inner_epochs``).
+        clip_eps: clip range on per-step ratios (log-probs are mean-reduced over latent dims).
+        beta: KL weight to the reference policy; 0 skips the reference forward.
+        train_steps: which SDE steps train: ``first_fraction`` | ``random_subset`` | ``all``.
+        train_fraction: for ``first_fraction``.
+        num_train_steps: for ``random_subset``.
+        kl_std: ``transition`` (exact KL of the two Gaussian steps) | ``diffusion`` (Flow-GRPO's,
+            divided by sigma_t^2).
+        global_std: advantages divide by the std over the whole step's batch (all ranks; Flow-GRPO's
+            FLUX Kontext setting) instead of the group's.
+        clip: advantages are clipped to ``[-clip, clip]``.
+        eps: added to the std of the advantages.
+        normalize_per_reward: rank by the weighted sum of each reward component z-scored within its
+            group, instead of the reward's own combined score (for components of different ranges).
+    """
+
+    micro_batch_size: int
+    inner_epochs: int = 1
+    clip_eps: float = 1e-4
+    beta: float = 0.0
+    train_steps: str = "first_fraction"
+    train_fraction: float = 0.99
+    num_train_steps: int | None = None
+    kl_std: str = "transition"
+    global_std: bool = True
+    clip: float = 5.0
+    eps: float = 1e-4
+    normalize_per_reward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kl_std not in KL_STDS:
+            raise ValueError(f"algo.kl_std={self.kl_std!r}; expected one of {KL_STDS}")
+        if self.train_steps not in TRAIN_STEP_MODES:
+            raise ValueError(f"algo.train_steps={self.train_steps!r}; expected one of {TRAIN_STEP_MODES}")
+        if self.micro_batch_size < 1 or self.inner_epochs < 1:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} and train.inner_epochs={self.inner_epochs} "
+                "must be >= 1"
+            )
+        ranges = (
+            ("clip_eps", self.clip_eps > 0, "> 0"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("train_fraction", 0 < self.train_fraction <= 1, "in (0, 1]"),
+            ("clip", self.clip > 0, "> 0 (math.inf: no clipping)"),
+            ("eps", 0 <= self.eps < math.inf, ">= 0"),
+        )
+        for key, ok, rule in ranges:
+            if not ok or math.isnan(getattr(self, key)):
+                raise ValueError(f"algo.{key}={getattr(self, key)} must be {rule}")
+        if self.train_steps == "random_subset" and (self.num_train_steps is None or self.num_train_steps < 1):
+            raise ValueError(
+                f"algo.num_train_steps={self.num_train_steps} must be >= 1 under algo.train_steps=random_subset"
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the update runs the reference policy (the KL term)."""
+        return self.beta > 0
+
+    def advantages(self, rewards: StepRewards) -> tuple[Tensor, dict[str, float]]:
+        """Advantages of every sample of the step (``[B_all]``) and their ``adv/*`` metrics.
+
+        Samples to which no reward applies (NaN) get advantage 0 and stay out of every statistic;
+        the others get :func:`~psr.objectives.advantages.group_advantages` of the whole step's
+        batch, so with ``global_std`` every rank divides by the same std.
+        """
+        combined = rewards.combined(normalize_per_reward=self.normalize_per_reward)
+        valid = ~torch.isnan(combined)
+        advantages = torch.zeros_like(combined)
+        if not bool(valid.any()):
+            return advantages, {}
+        advantages[valid], metrics = group_advantages(
+            combined[valid],
+            rewards.group_ids[valid],
+            global_std=self.global_std,
+            eps=self.eps,
+            clip=self.clip,
+        )
+        return advantages, metrics
+
+    def update(
+        self,
+        policy: FlowPolicy,
+        engine: Engine,
+        trajs: Sequence[Trajectory],
+        rewards: StepRewards,
+        seed: int,
+    ) -> UpdateResult:
+        """One GRPO update (:class:`~psr.objectives.protocol.Objective`). Trained steps are drawn
+        from ``(seed, group id)``, independent of how groups are spread over ranks."""
+        advantages, adv_metrics = self.advantages(rewards)
+        work: list[_Piece] = []
+        # only samples with a non-zero advantage carry signal (zero-variance groups are skipped)
+        for traj, adv in zip(trajs, rewards.split_local(advantages, trajs), strict=True):
+            idx = torch.nonzero(adv != 0).flatten()
+            if len(idx):
+                gen = torch.Generator().manual_seed(derive_seed(seed, "objective", int(traj.group_ids[0])))
+                steps = select_train_steps(
+                    traj.sde_mask.cpu(),
+                    mode=self.train_steps,
+                    fraction=self.train_fraction,
+                    num=self.num_train_steps,
+                    generator=gen,
+                )
+                work.extend(
+                    (traj, adv, int(k), mb) for k in steps for mb in chunks(idx, self.micro_batch_size)
+                )
+
+        def filler() -> _Piece:
+            traj = trajs[0]
+            k = int(torch.nonzero(traj.sde_mask).flatten()[0])
+            mb = torch.arange(min(self.micro_batch_size, traj.batch_size), device=traj.latents.device)
+            return traj, torch.zeros(traj.batch_size, device=traj.latents.device), k, mb
+
+        def losses(piece: _Piece, epoch: int) -> Iterator[LossPiece]:
+            traj, adv, k, mb = piece
+            with engine.autocast():
+                out = step_log_prob(policy, traj, k, mb)
+            kl = None
+            if self.beta > 0:
+                with torch.no_grad(), policy.reference_policy(), engine.autocast():
+                    ref_mean = step_log_prob(policy, traj, k, mb).mean
+                std = out.std
+                if self.kl_std == "diffusion":  # Flow-GRPO's value: divide by sigma_t^2, not std^2
+                    s = traj.sigmas
+                    std = noise_std(traj.method, s[k], s[k + 1], traj.noise_level, s[1])
+                kl = kl_gaussian_means(out.mean, ref_mean, std)
+            loss, m = grpo_step_loss(
+                out.log_prob, traj.log_probs[mb, k], adv[mb], self.clip_eps, kl=kl, beta=self.beta
+            )
+            where = f"step k={k} of group {int(traj.group_ids[0])} ('{traj.cond.prompt[:40]}')"
+            yield LossPiece(loss, m, len(mb), bool(torch.isfinite(out.log_prob).all()), where)
+
+        result = accumulate(engine, work, filler, lambda piece: len(piece[3]), losses, self.inner_epochs)
+        return UpdateResult({**adv_metrics, **result.metrics}, result.nonfinite_where)

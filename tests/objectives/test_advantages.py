@@ -109,7 +109,7 @@ def test_rejects_bad_input():
         group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="integer"):
         group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
-    with pytest.raises(ValueError, match="advantage.clip"):
+    with pytest.raises(ValueError, match="algo.clip"):
         group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), clip=0.0)
 
 
@@ -178,3 +178,43 @@ def test_combine_rewards_rejects_mismatched_weights():
         combine_rewards(
             {"psr": torch.tensor([1.0, math.inf])}, {"psr": 1.0}, torch.zeros(2, dtype=torch.long)
         )
+
+
+def test_one_combination_by_hand():
+    """rewards.base.weighted_score is the one NaN-aware combination: the reward's score and
+    combine_rewards without normalization are it."""
+    from rewards.base import WeightedReward, weighted_score
+
+    # weights 0.5 / 0.3 / 0.2 (total 1)
+    #   sample 0, all apply:      0.5 * 1 + 0.3 * 2 + 0.2 * 3 = 1.7
+    #   sample 1, a is NaN:       (0.3 * 4 + 0.2 * 5) * 1 / 0.5 = 4.4
+    #   sample 2, only c applies: 0.2 * 10 * 1 / 0.2 = 10
+    #   sample 3, none applies:   NaN
+    nan = math.nan
+    comps = {
+        "a": torch.tensor([1.0, nan, nan, nan]),
+        "b": torch.tensor([2.0, 4.0, nan, nan]),
+        "c": torch.tensor([3.0, 5.0, 10.0, nan]),
+    }
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    r = weighted_score(comps, weights)
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r[:3], torch.tensor([1.7, 4.4, 10.0]), rtol=0, atol=1e-6)
+    assert math.isnan(r[3].item())
+    torch.testing.assert_close(
+        combine_rewards(comps, weights, torch.zeros(4, dtype=torch.long)), r, equal_nan=True
+    )
+
+    class Fixed:
+        def __init__(self, values):
+            self.values = values
+
+        def __call__(self, images, inputs):
+            return {"score": self.values}
+
+    from rewards.base import RewardInputs
+
+    reward = WeightedReward({k: Fixed(v) for k, v in comps.items()}, weights)
+    out = reward(torch.rand(4, 3, 2, 2), RewardInputs.from_prompts(["p"] * 4))
+    torch.testing.assert_close(out["score"], r, equal_nan=True)
+    assert weighted_score({"a": comps["a"].double()}, {"a": 1.0}).dtype == torch.float64

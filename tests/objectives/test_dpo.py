@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from psr.objectives.dpo import (
+    DPOObjective,
     diffusion_dpo_loss,
-    flow_matching_errors,
     focus_weights,
     make_pairs,
     patch_reference_similarity,
@@ -122,39 +126,7 @@ def test_pairs_reject_bad_input():
         make_pairs(REWARDS, GROUPS, mode="all_pairs", margin=-0.1)
 
 
-# ---------------------------------------------------------------------------- errors and weights
-def test_flow_matching_errors_match_float64_manual():
-    gen = torch.Generator().manual_seed(0)
-    v, u = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)
-    w = torch.rand(2, 5, generator=gen) + 0.1
-    vd, ud, wd = v.double().numpy(), u.double().numpy(), w.double().numpy()
-    plain, weighted = np.zeros(2), np.zeros(2)
-    for b in range(2):
-        wn = wd[b] / wd[b].mean()
-        for n in range(5):
-            for c in range(3):
-                plain[b] += (vd[b, n, c] - ud[b, n, c]) ** 2 / 15
-                weighted[b] += wn[n] * (vd[b, n, c] - ud[b, n, c]) ** 2 / 15
-    # float32 sums of 15 terms of size ~1: relative error a few ulp (1e-6)
-    np.testing.assert_allclose(flow_matching_errors(v, u).numpy(), plain, rtol=1e-6)
-    np.testing.assert_allclose(flow_matching_errors(v, u, w).numpy(), weighted, rtol=1e-6)
-    # uniform weights of any size are the plain mean
-    torch.testing.assert_close(
-        flow_matching_errors(v, u, torch.full((2, 5), 3.0)), flow_matching_errors(v, u)
-    )
-
-
-def test_flow_matching_errors_gradient_goes_to_the_prediction_only():
-    v = torch.zeros(1, 2, 1, requires_grad=True)
-    w = torch.tensor([[1.0, 3.0]], requires_grad=True)
-    flow_matching_errors(v, torch.ones(1, 2, 1), w).sum().backward()
-    # e = mean_n w_n (v_n - 1)^2 with w normalized to [0.5, 1.5]: de/dv_n = w_n (v_n - 1) = [-0.5, -1.5]
-    torch.testing.assert_close(v.grad, torch.tensor([[[-0.5], [-1.5]]]))
-    assert w.grad is None
-    with pytest.raises(ValueError, match="weights"):
-        flow_matching_errors(v.detach(), torch.ones(1, 2, 1), torch.tensor([[1.0, -1.0]]))
-
-
+# ---------------------------------------------------------------------------------- focus weights
 def test_focus_weights_by_hand():
     sim = torch.tensor([[0.0, 0.5, 1.0]])  # min-max scaled: s = [0, 0.5, 1]
     # linear, strength 2, sigma 0.5 -> lam = 1: w = [1, 1.5, 2] / 1.5
@@ -209,3 +181,19 @@ def test_patch_reference_similarity_matches_a_float64_loop():
     torch.testing.assert_close(patch_reference_similarity(tgt, ref.expand(2, -1, -1)), got)
     with pytest.raises(ValueError, match="ref_tokens"):
         patch_reference_similarity(tgt, torch.randn(3, 5, 4))
+
+
+# ------------------------------------------------------------------------------------- DPOObjective
+def test_dpo_yaml_instantiates_the_objective():
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "algo" / "dpo.yaml")
+    objective = instantiate(cfg, micro_batch_size=4, inner_epochs=1)
+    assert isinstance(objective, DPOObjective)
+    assert (objective.micro_batch_size, objective.inner_epochs) == (4, 1)
+    keys = {k for k in cfg if k != "_target_"}
+    # every constructor argument but the two train.* ones is a documented key, with its value
+    assert keys == {f.name for f in fields(DPOObjective)} - {"micro_batch_size", "inner_epochs"}
+    for key in keys:
+        assert getattr(objective, key) == cfg[key], key
+    assert objective.needs_reference
+    with pytest.raises(Exception, match="algo.pairs"):  # hydra wraps the ValueError
+        instantiate(cfg, micro_batch_size=4, inner_epochs=1, pairs="top_k")

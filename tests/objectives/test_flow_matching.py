@@ -10,11 +10,12 @@ import torch
 
 from psr.objectives.flow_matching import (
     FlowMatchingLoss,
-    flow_matching_mse,
+    flow_matching_errors,
     loss_weights,
     noisy_latents,
     sample_sigmas,
     shift_sigmas,
+    target_velocity,
 )
 
 H = W = 64
@@ -163,23 +164,78 @@ def test_loss_equals_float64_computation_on_tiny_policy(tiny_policy):
 
 
 def test_reference_tokens_enter_as_context_only(tiny_policy):
-    # The loss changes with the references (they are attended to) but their tokens are never noised:
-    # the loss at t -> 0 of a perfect predictor would not depend on them, so instead check that
-    # velocity() is called with exactly N target tokens and that ref tokens are the clean encodings.
+    # The references are attended to (the loss changes with them) but they are clean context: the
+    # network sees [noisy target tokens, clean reference tokens] and only the N target tokens are
+    # scored. Checked three ways: what velocity() is called with; the loss against one written out
+    # here, on the target tokens only; and three ways references could enter the loss, which must
+    # differ from it by far more than the tolerance.
     refs = [torch.rand(3, H, W)]
     cond = tiny_policy.condition("a cat", refs, H, W)
     clean = tiny_policy.encode_images(refs[0][None])
     torch.testing.assert_close(cond.ref_tokens, clean)
     x0 = tiny_policy.encode_images(torch.rand(2, 3, H, W))
-    kw = dict(
-        sigmas=torch.tensor([0.4, 0.8]),
-        noise=torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)),
-    )
+    sigmas = torch.tensor([0.4, 0.8])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    kw = dict(sigmas=sigmas, noise=noise)
     a, _ = FlowMatchingLoss()(tiny_policy, x0, cond, **kw)
     b, _ = FlowMatchingLoss()(
         tiny_policy, x0, tiny_policy.condition("a cat", [torch.rand(3, H, W)], H, W), **kw
     )
     assert a.item() != pytest.approx(b.item(), rel=1e-6)
+
+    calls = []
+
+    class Spy:  # records what the objective hands the policy
+        scheduler_config = tiny_policy.scheduler_config
+
+        def velocity(self, x, sigma, c):
+            calls.append((x.detach().clone(), c))
+            return tiny_policy.velocity(x, sigma, c)
+
+    assert FlowMatchingLoss()(Spy(), x0, cond, **kw)[0].item() == a.item()
+    ((x_seen, cond_seen),) = calls
+    t = sigmas[:, None, None]
+    x_t = (1 - t) * x0 + t * noise  # [B, N, C]: the target tokens alone are noised
+    torch.testing.assert_close(x_seen, x_t)
+    torch.testing.assert_close(cond_seen.ref_tokens, clean)  # references go in clean
+
+    # Written out: the sequence [x_t, refs] through the network as one "target" of N + R tokens (the
+    # references moved out of the conditioning, with their position ids), so every token's output
+    # is visible; the flow-matching error is then taken over the chosen tokens.
+    from dataclasses import replace
+
+    n, r = x0.shape[1], clean.shape[1]
+    merged = replace(
+        cond,
+        ref_tokens=cond.ref_tokens[:, :0],
+        ref_ids=cond.ref_ids[:0],
+        img_ids=torch.cat([cond.img_ids, cond.ref_ids]),
+    )
+    ref_clean = clean.expand(2, -1, -1)  # [B, R, C]
+    ref_noise = torch.randn(ref_clean.shape, generator=torch.Generator().manual_seed(1))
+    ref_t = (1 - t) * ref_clean + t * ref_noise
+
+    def loss_over(ref_in: torch.Tensor, scored: slice, target: torch.Tensor) -> float:
+        with torch.no_grad():
+            out = tiny_policy.velocity(torch.cat([x_t, ref_in], dim=1), sigmas, merged).double()
+        return ((out[:, scored] - target.double()) ** 2).mean().item()
+
+    u = noise - x0  # the target velocity of the target tokens
+    expected = loss_over(ref_clean, slice(0, n), u)
+    # fp32 both ways, the same network on the same sequence: measured 4e-8 relative
+    tol = 1e-6 * expected
+    assert a.item() == pytest.approx(expected, abs=tol)
+    leaks = {
+        "references noised": loss_over(ref_t, slice(0, n), u),
+        "references noised and scored": loss_over(
+            ref_t, slice(0, n + r), torch.cat([u, ref_noise - ref_clean], dim=1)
+        ),
+        "clean references scored (target velocity 0)": loss_over(
+            ref_clean, slice(0, n + r), torch.cat([u, torch.zeros_like(ref_clean)], dim=1)
+        ),
+    }
+    for name, leaked in leaks.items():
+        assert abs(leaked - expected) > 100 * tol, (name, leaked, expected)
 
 
 def test_helpers_shapes_and_dtypes():
@@ -188,5 +244,38 @@ def test_helpers_shapes_and_dtypes():
     xt = noisy_latents(x0, noise, s)
     torch.testing.assert_close(xt[0], x0[0])
     torch.testing.assert_close(xt[1], noise[1])
-    assert flow_matching_mse(noise - x0, x0, noise).abs().max().item() == 0.0
-    assert flow_matching_mse(x0.double(), x0, noise).dtype == torch.float64
+    assert flow_matching_errors(noise - x0, target_velocity(x0, noise)).abs().max().item() == 0.0
+    assert flow_matching_errors(x0.double(), target_velocity(x0, noise)).dtype == torch.float64
+    assert target_velocity(x0.bfloat16(), noise).dtype == torch.float32  # never rounded to bf16
+
+
+def test_flow_matching_errors_match_float64_manual():
+    gen = torch.Generator().manual_seed(0)
+    v, u = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    w = torch.rand(2, 5, generator=gen) + 0.1
+    vd, ud, wd = v.double().numpy(), u.double().numpy(), w.double().numpy()
+    plain, weighted = np.zeros(2), np.zeros(2)
+    for b in range(2):
+        wn = wd[b] / wd[b].mean()
+        for n in range(5):
+            for c in range(3):
+                plain[b] += (vd[b, n, c] - ud[b, n, c]) ** 2 / 15
+                weighted[b] += wn[n] * (vd[b, n, c] - ud[b, n, c]) ** 2 / 15
+    # float32 sums of 15 terms of size ~1: relative error a few ulp (1e-6)
+    np.testing.assert_allclose(flow_matching_errors(v, u).numpy(), plain, rtol=1e-6)
+    np.testing.assert_allclose(flow_matching_errors(v, u, w).numpy(), weighted, rtol=1e-6)
+    # uniform weights of any size are the plain mean
+    torch.testing.assert_close(
+        flow_matching_errors(v, u, torch.full((2, 5), 3.0)), flow_matching_errors(v, u)
+    )
+
+
+def test_flow_matching_errors_gradient_goes_to_the_prediction_only():
+    v = torch.zeros(1, 2, 1, requires_grad=True)
+    w = torch.tensor([[1.0, 3.0]], requires_grad=True)
+    flow_matching_errors(v, torch.ones(1, 2, 1), w).sum().backward()
+    # e = mean_n w_n (v_n - 1)^2 with w normalized to [0.5, 1.5]: de/dv_n = w_n (v_n - 1) = [-0.5, -1.5]
+    torch.testing.assert_close(v.grad, torch.tensor([[[-0.5], [-1.5]]]))
+    assert w.grad is None
+    with pytest.raises(ValueError, match="weights"):
+        flow_matching_errors(v.detach(), torch.ones(1, 2, 1), torch.tensor([[1.0, -1.0]]))

@@ -1,13 +1,21 @@
-"""The GRPO clipped surrogate, its KL term and the trained-step selection, computed by hand."""
+"""The GRPO clipped surrogate, its KL term, the trained-step selection and the objective's
+advantages, computed by hand."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from psr.objectives.grpo import clipped_surrogate, grpo_step_loss, select_train_steps
+from psr.objectives.advantages import combine_rewards, group_advantages
+from psr.objectives.grpo import GRPOObjective, clipped_surrogate, grpo_step_loss, select_train_steps
+from psr.objectives.protocol import StepRewards
 
 E = math.e
 
@@ -136,8 +144,8 @@ def test_on_policy_recompute_gives_ratio_one():
 
     gen = torch.Generator().manual_seed(1)
     x, v = torch.randn(4, 6, 8, generator=gen), torch.randn(4, 6, 8, generator=gen)
-    sampled = sde_step(x, v, 0.8, 0.6, kind="flow_grpo", noise_level=0.7, generator=gen)
-    again = sde_step(x, v, 0.8, 0.6, kind="flow_grpo", noise_level=0.7, prev_sample=sampled.prev_sample)
+    sampled = sde_step(x, v, 0.8, 0.6, method="flow_grpo", noise_level=0.7, generator=gen)
+    again = sde_step(x, v, 0.8, 0.6, method="flow_grpo", noise_level=0.7, prev_sample=sampled.prev_sample)
     loss, m = clipped_surrogate(again.log_prob, sampled.log_prob, torch.tensor([1.0, -1.0, 0.5, 0.5]), 1e-4)
     assert m["train/ratio_min"].item() == 1.0 and m["train/ratio_max"].item() == 1.0
     assert loss.item() == pytest.approx(-0.25, abs=1e-7)
@@ -194,3 +202,87 @@ def test_select_rejects_bad_settings():
         select_train_steps(mask, mode="window")
     with pytest.raises(ValueError, match="bool"):
         select_train_steps(torch.ones(6), mode="all")
+
+
+# ------------------------------------------------------------------------------------ GRPOObjective
+CONF_ALGO = Path(__file__).resolve().parents[2] / "conf" / "algo"
+
+
+def _step_rewards() -> StepRewards:
+    # the step's batch over two ranks: group 0 (3 samples, one without a reward) on the other rank,
+    # group 1 (2 samples) on this one
+    return StepRewards(
+        scores=torch.tensor([1.0, 3.0, math.nan, 0.0, 4.0]),
+        group_ids=torch.tensor([0, 0, 0, 1, 1]),
+        is_local=torch.tensor([False, False, False, True, True]),
+    )
+
+
+def test_advantages_from_step_rewards_by_hand():
+    rewards = _step_rewards()
+    eps = 1e-4
+    # global std over the 4 rewards that apply, [1, 3, 0, 4]: mean 2, population variance
+    # (1 + 1 + 4 + 4) / 4 = 2.5; group means 2 and 2; the NaN sample gets 0 and enters no statistic
+    s = math.sqrt(2.5) + eps
+    objective = GRPOObjective(micro_batch_size=2, global_std=True, clip=5.0, eps=eps)
+    adv, m = objective.advantages(rewards)
+    expected = torch.tensor([-1 / s, 1 / s, 0.0, -2 / s, 2 / s])
+    torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
+    assert m["adv/reward_std"] == pytest.approx(math.sqrt(2.5))
+    # the same as group_advantages on the gathered batch without the NaN
+    valid = torch.tensor([0, 1, 3, 4])
+    direct, direct_m = group_advantages(
+        rewards.scores[valid], rewards.group_ids[valid], global_std=True, eps=eps, clip=5.0
+    )
+    torch.testing.assert_close(adv[valid], direct, rtol=0, atol=0)
+    assert m == direct_m
+    # this rank's share, per trajectory
+    (mine,) = rewards.split_local(adv, [SimpleNamespace(batch_size=2)])
+    torch.testing.assert_close(mine, torch.tensor([-2 / s, 2 / s]), rtol=0, atol=1e-6)
+    # per-group std: group 0 has std 1, group 1 std 2
+    per_group, _ = GRPOObjective(micro_batch_size=2, global_std=False, eps=eps).advantages(rewards)
+    expected = torch.tensor([-1 / (1 + eps), 1 / (1 + eps), 0.0, -2 / (2 + eps), 2 / (2 + eps)])
+    torch.testing.assert_close(per_group, expected, rtol=0, atol=1e-6)
+
+
+def test_advantages_with_per_reward_normalization_use_the_z_scored_combination():
+    a = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    b = torch.tensor([10.0, 30.0, 5.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    weights = {"a": 1.0, "b": 2.0}
+    rewards = StepRewards(
+        scores=torch.zeros(4),  # the reward's own combination: unused when normalizing
+        group_ids=groups,
+        is_local=torch.ones(4, dtype=torch.bool),
+        components={"a": a, "b": b},
+        weights=weights,
+    )
+    z = combine_rewards({"a": a, "b": b}, weights, groups, normalize_per_reward=True)
+    adv, _ = GRPOObjective(micro_batch_size=4, normalize_per_reward=True).advantages(rewards)
+    expected, _ = group_advantages(z, groups, global_std=True, eps=1e-4, clip=5.0)
+    torch.testing.assert_close(adv, expected)
+    # without it the reward's score is used as is (all equal here: no signal)
+    flat, m = GRPOObjective(micro_batch_size=4).advantages(rewards)
+    assert flat.abs().max() == 0 and m["adv/zero_var_frac"] == 1.0
+
+
+def test_no_reward_applies_gives_zero_advantages_and_no_metrics():
+    rewards = StepRewards(
+        torch.full((3,), math.nan), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool)
+    )
+    adv, m = GRPOObjective(micro_batch_size=2).advantages(rewards)
+    assert adv.tolist() == [0.0, 0.0, 0.0] and m == {}
+
+
+def test_grpo_yaml_instantiates_the_objective():
+    cfg = OmegaConf.load(CONF_ALGO / "grpo.yaml")
+    objective = instantiate(cfg, micro_batch_size=3, inner_epochs=2)
+    assert isinstance(objective, GRPOObjective)
+    assert (objective.micro_batch_size, objective.inner_epochs) == (3, 2)
+    keys = {k for k in cfg if k != "_target_"}
+    # every constructor argument but the two train.* ones is a documented key, with its value
+    assert keys == {f.name for f in fields(GRPOObjective)} - {"micro_batch_size", "inner_epochs"}
+    for key in keys:
+        assert getattr(objective, key) == cfg[key], key
+    with pytest.raises(Exception, match="algo.kl_std"):  # hydra wraps the ValueError
+        instantiate(cfg, micro_batch_size=3, inner_epochs=1, kl_std="other")
