@@ -5,7 +5,8 @@ Layout under ``out_dir`` (every path in a work record is relative to ``out_dir``
     <stage>/shard-00003-of-00008.partial/records.jsonl   accepted records, appended per batch
                                          rejects.jsonl   rejected records with their reason and scores
     <stage>/shard-00003-of-00008/...                     the same, published by one rename, + done.json
-    <stage>/images/<record id>/...png                    images (each written atomically)
+    <stage>/images/<record id>/...png                    images (each written atomically; the temp
+                                                         files of a killed run go at the next run)
 
 Sharding: record ``index`` belongs to shard ``index % count``. A stage reads the published shard
 of the previous stage with the same ``(index, count)``; when the previous stage ran with another
@@ -16,6 +17,10 @@ Resume: a ``.partial`` directory holds whole batches of finished records (a torn
 kill is cut off). A rerun recomputes a batch only if one of its records is missing and appends only
 the missing ones. Batches are fixed slices of the shard's sorted input, so a resumed run calls the
 models on exactly the batches an uninterrupted run would, and writes the same bytes.
+
+One writer per shard: ``psr-data`` holds ``<out_dir>/.psr-data.<shard name>.lock`` while it works on
+a shard, and ``.psr-data.export.lock`` for export and report (:func:`data_pipeline.cli.data_lock`),
+so a second process on the same shard fails at once instead of appending to the same ``.partial``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from psr import seeding
+from psr.fileio import process_start_time, remove_stale_temps
 
 DONE = "done.json"
 RECORDS = "records.jsonl"
@@ -60,10 +68,17 @@ class Shard:
         return record_index % self.count == self.index
 
 
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any mix of ints and strings, stable across processes and Python versions."""
-    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode("utf-8"), digest_size=8)
-    return int.from_bytes(h.digest(), "big") >> 1
+def derive_seed(seed: int, *parts: int | str) -> int:
+    """A stage's seed: :func:`psr.seeding.derive_seed` in the ``pipeline`` domain.
+
+    Args:
+        seed: the run's ``seed`` or a record's seed derived from it.
+        parts: what the draw is for: stage names, indices, record ids.
+
+    Returns:
+        An int in ``[0, 2**63)``, stable across processes and Python versions.
+    """
+    return seeding.derive_seed(seed, "pipeline", *parts)
 
 
 def fingerprint(config: Any) -> str:
@@ -282,6 +297,9 @@ class StageRun:
         setup = self.clock.elapsed()  # model loading, between the stage's start and its first batch
         self.clock = Clock()
         self.partial.mkdir(parents=True, exist_ok=True)
+        started = process_start_time()
+        for r in inputs:  # temp PNGs of a killed run: a record's images are written by its own shard only
+            remove_stale_temps(self.dir / "images" / str(r["id"]), before=started)
         stamp = self.partial / "fingerprint"
         if stamp.is_file():
             self._check_fingerprint(stamp.read_text().strip(), self.partial)

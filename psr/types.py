@@ -65,7 +65,7 @@ class Trajectory:
     group_ids: Tensor  # [B] long, which prompt group each sample belongs to
     cond: Conditioning
     noise_level: float = 0.0
-    kind: str = "flow_grpo"  # sde kind used, see psr.sampling.sde
+    method: str = "flow_grpo"  # the sampling method (sampler.method), see psr.sampling.sde
 
     @property
     def batch_size(self) -> int:

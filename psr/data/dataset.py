@@ -4,7 +4,7 @@ SFT (:class:`SFTDataset`, :class:`BucketBatchSampler`, :func:`collate_sft`)
     A record is (instruction, target, subjects with one reference each). Every time a record is
     drawn, :func:`plan_references` decides which subjects get a reference and in which order:
 
-    - how many references: 2 / 3 / 4 with probabilities 0.9 / 0.05 / 0.05 (PSR_METHOD.md §2),
+    - how many references: 2 / 3 / 4 with probabilities 0.9 / 0.05 / 0.05 (docs/method.md §2),
       restricted to counts the record can supply and renormalized; a record with fewer subjects
       than the smallest count uses all of its subjects. Subjects left without a reference stay in
       the target and the instruction (the model draws them from the text alone);
@@ -24,10 +24,13 @@ SFT (:class:`SFTDataset`, :class:`BucketBatchSampler`, :func:`collate_sft`)
     passed at their own size and the policy fits each to its area budget. Randomness per draw comes
     from a seed carried in the sampler's key, so a draw is the same in any worker and after resume.
 
-RL (:class:`PromptDataset`, :class:`GroupSampler`)
+RL (:class:`PromptDataset`, :class:`BatchStream`)
     A prompt record is (instruction, references) without target, from a manifest or a PSRBench JSON.
-    The group sampler hands each rank whole prompt groups: every prompt is repeated G times and a
+    The batch stream hands each rank whole prompt groups: every prompt is repeated G times and a
     group never straddles ranks, so group statistics (advantages) are computed locally.
+
+Seeds come from :func:`psr.seeding.derive_seed`: the record order of an epoch from the ``data``
+domain, each SFT draw's reference plan from the ``references`` domain.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from psr.data.manifest import Sample, resolve
+from psr.seeding import derive_seed
 from psr.types import Batch
 
 DEFAULT_COUNTS = (2, 3, 4)
@@ -191,14 +195,6 @@ class SampleKey(NamedTuple):
     position: int  # batch position within the epoch (for resume)
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (order-sensitive), stable across processes and Python versions."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
-
-
 class SFTDataset(torch.utils.data.Dataset):
     """(target, references, instruction) records of a manifest, drawn with :func:`plan_references`.
 
@@ -327,7 +323,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         shuffle: bool = True,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"train.batch_size={batch_size} must be >= 1")
+            raise ValueError(f"train.micro_batch_size={batch_size} must be >= 1")
         self.bucket_of = list(bucket_of)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
@@ -336,12 +332,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             per_bucket = {b: self.bucket_of.count(b) for b in sorted(set(self.bucket_of))}
             raise ValueError(
                 f"no rank gets a full batch: {len(self.bucket_of)} records (per bucket {per_bucket}), "
-                f"batch size {batch_size}, {world_size} ranks; lower train.batch_size or add records"
+                f"batch size {batch_size}, {world_size} ranks; lower train.micro_batch_size or add records"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of record indices in epoch ``epoch``."""
-        rng = random.Random(derive_seed(self.seed, epoch))
+        rng = random.Random(derive_seed(self.seed, "data", epoch))
         batches: list[list[int]] = []
         for b in sorted(set(self.bucket_of)):
             idx = [i for i, x in enumerate(self.bucket_of) if x == b]
@@ -365,7 +361,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         while True:
             batches = self.epoch_batches(epoch)
             for pos in range(cursor, len(batches)):
-                yield [SampleKey(i, derive_seed(self.seed, epoch, i), epoch, pos) for i in batches[pos]]
+                yield [
+                    SampleKey(i, derive_seed(self.seed, "references", epoch, i), epoch, pos)
+                    for i in batches[pos]
+                ]
             epoch, cursor = epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
@@ -435,8 +434,9 @@ class PromptDataset(torch.utils.data.Dataset):
         )
 
 
-class GroupSampler(torch.utils.data.Sampler):
-    """Prompt groups for RL: each step, each rank gets ``prompts_per_step`` whole groups.
+class BatchStream(torch.utils.data.Sampler):
+    """A rank-aware, resumable stream of RL prompt batches: each step, each rank gets
+    ``prompts_per_step`` whole prompt groups.
 
     Epoch e is a permutation of the prompts drawn from ``(seed, e)``; step s of the epoch takes the
     slice ``[s P W, (s + 1) P W)`` of it (P prompts per rank, W ranks) and rank r the sub-slice
@@ -479,7 +479,7 @@ class GroupSampler(torch.utils.data.Sampler):
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_prompts))
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
         return torch.randperm(self.num_prompts, generator=gen).tolist()
 
     def indices_at(self, epoch: int, step: int) -> list[int]:
@@ -499,7 +499,7 @@ class GroupSampler(torch.utils.data.Sampler):
     def next_batch(self) -> list[PromptRecord]:
         """The next step's prompt records on this rank (needs ``dataset``)."""
         if self.dataset is None:
-            raise RuntimeError("GroupSampler.next_batch needs dataset=...")
+            raise RuntimeError("BatchStream.next_batch needs dataset=...")
         return [self.dataset[i] for i in self.next_indices()]
 
     def __iter__(self) -> Iterator[int]:

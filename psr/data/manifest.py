@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from psr.fileio import atomic_write
+from rewards.psrbench import record_id as psrbench_record_id
 
 KINDS = ("attribute", "action", "background", "position", "complex", "three", "four")
 """The seven task kinds of PSRBench and of the synthesized data (any other string is allowed)."""
@@ -225,18 +227,9 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one (with an
+    ordinary file's mode: others can read it under umask 022)."""
+    atomic_write(path, text)
 
 
 def write_manifest(path: str | os.PathLike, samples: Iterable[Sample]) -> Path:
@@ -294,7 +287,7 @@ def read_psrbench(json_path: str | os.PathLike, *, kind: str | None = None) -> l
         where = f"{p} record {i}"
         if not isinstance(rec, dict):
             raise ManifestError(f"{where}: expected an object, got {type(rec).__name__}")
-        rid = str(rec.get("id", key if key is not None else f"{p.stem}-{i:04d}"))
+        rid = psrbench_record_id(rec, key, i, p.stem)  # the id psr-score gives it too
         for fld in ("instruction", "input_path"):
             if fld not in rec:
                 raise _fail(where, rid, fld, "missing")

@@ -1,7 +1,7 @@
 r"""Flow-matching sampling math: sigma schedules, ODE and SDE transitions with exact log-probs.
 
-Pure functions on tensors (no model code); used by :mod:`psr.sampling.sampler` and the GRPO
-objective. Formulas: PSR_METHOD.md §3.
+Pure functions on tensors (no model code); used by :mod:`psr.sampling.rollout` and the GRPO
+objective. Formulas: docs/method.md §3.
 
 Conventions (diffusers' rectified flow)
 ---------------------------------------
@@ -30,7 +30,7 @@ One Euler-Maruyama step from ``x_k`` (at ``t = s_k``) is the Gaussian transition
 
     mean = x (1 + sigma_t^2 dt / (2 t)) + v (1 + sigma_t^2 (1 - t) / (2 t)) dt,   std = sigma_t sqrt(-dt).
 
-``sigma_t`` per kind (:func:`noise_std`): Flow-GRPO ``a sqrt(t / (1 - t))`` (``1 - s_1`` replaces
+``sigma_t`` per method (:func:`noise_std`): Flow-GRPO ``a sqrt(t / (1 - t))`` (``1 - s_1`` replaces
 ``1 - t`` at ``t = 1``), DanceGRPO a constant ``eta``, ODE 0. CPS (coefficient-preserving sampling)
 is defined directly as a transition, not through ``sigma_t``; see :func:`sde_step`. CPS keeps the
 coefficients of ``x_0`` and ``eps`` exact only when ``x0_hat`` is exact; with a posterior-mean
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-KINDS = ("flow_grpo", "dance", "cps", "ode")
+METHODS = ("flow_grpo", "dance", "cps", "ode")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -183,13 +183,13 @@ def _per_sample(value: Tensor | float, x: Tensor, dtype: torch.dtype, name: str)
 
 
 def noise_std(
-    kind: str,
+    method: str,
     sigma: Tensor | float,
     sigma_next: Tensor | float,
     noise_level: float,
     sigma_max_step: Tensor | float | None,
 ) -> Tensor:
-    """The diffusion coefficient ``sigma_t`` of a kind (PSR_METHOD §3).
+    """The diffusion coefficient ``sigma_t`` of a method (docs/method.md §3).
 
     ``flow_grpo``: ``a sqrt(t / (1 - t))``, with ``1 - sigma_max_step`` (= ``1 - s_1``) replacing
     ``1 - t`` where ``t == 1``; ``dance``: the constant ``eta = noise_level``; ``ode``: 0.
@@ -197,7 +197,7 @@ def noise_std(
     ``s_{k+1} sin(a pi / 2)``.
 
     Args:
-        kind: one of :data:`KINDS`.
+        method: one of :data:`METHODS`.
         sigma: t = s_k, scalar or broadcastable tensor, in (0, 1].
         sigma_next: s_{k+1} < s_k (used by ``cps`` and, when ``sigma_max_step`` is None, by
             ``flow_grpo``).
@@ -208,28 +208,28 @@ def noise_std(
     Returns:
         Tensor broadcast from ``sigma`` and ``sigma_next``, in their (float) dtype.
     """
-    _check_kind(kind, noise_level)
+    _check_method(method, noise_level)
     t = torch.as_tensor(sigma)
     t, t_next = torch.broadcast_tensors(t, torch.as_tensor(sigma_next, device=t.device).to(t.dtype))
-    if kind == "flow_grpo":
+    if method == "flow_grpo":
         s1 = t_next if sigma_max_step is None else torch.as_tensor(sigma_max_step, device=t.device)
         one_minus_t = 1 - torch.where(t == 1, s1.to(t.dtype), t)
         return torch.sqrt(t / one_minus_t) * noise_level
-    if kind == "dance":
+    if method == "dance":
         return torch.full_like(t, noise_level)
-    if kind == "cps":
+    if method == "cps":
         return t_next * math.sin(noise_level * math.pi / 2)
     return torch.zeros_like(t)
 
 
-def _check_kind(kind: str, noise_level: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"sampler kind={kind!r}; expected one of {KINDS}")
+def _check_method(method: str, noise_level: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"sampler.method={method!r}; expected one of {METHODS}")
     if not noise_level >= 0:
-        raise ValueError(f"sampler noise_level={noise_level} must be >= 0")
-    if kind == "cps" and noise_level > 1:
+        raise ValueError(f"sampler.noise_level={noise_level} must be >= 0")
+    if method == "cps" and noise_level > 1:
         raise ValueError(
-            f"sampler noise_level={noise_level} must be in [0, 1] for kind='cps' (s = s_next sin(a pi/2))"
+            f"sampler.noise_level={noise_level} must be in [0, 1] for method='cps' (s = s_next sin(a pi/2))"
         )
 
 
@@ -272,7 +272,7 @@ def sde_step(
     sigma: Tensor | float,
     sigma_next: Tensor | float,
     *,
-    kind: str = "flow_grpo",
+    method: str = "flow_grpo",
     noise_level: float = 0.7,
     sigma_1: Tensor | float | None = None,
     noise: Tensor | None = None,
@@ -284,7 +284,7 @@ def sde_step(
     ``flow_grpo`` / ``dance`` / ``ode``: Euler-Maruyama step of the marginal-preserving SDE (module
     docstring). ``cps``: ``x0_hat = x - t v``, ``eps_hat = x + (1 - t) v``, ``s = s_{k+1} sin(a pi/2)``,
     ``mean = (1 - s_{k+1}) x0_hat + sqrt(s_{k+1}^2 - s^2) eps_hat``, ``std = s``. With a zero noise
-    level every kind is the Euler ODE step (exactly for flow_grpo/dance/ode, up to rounding for cps).
+    level every method is the Euler ODE step (exactly for flow_grpo/dance/ode, up to rounding for cps).
 
     Sampling (``prev_sample`` None): ``prev_sample = mean + std * noise``, the noise drawn from
     ``generator`` unless given. Recompute (``prev_sample`` given, e.g. a stored rollout latent): only
@@ -299,7 +299,7 @@ def sde_step(
         v: predicted velocity, shape of ``x``, any float dtype.
         sigma: s_k in (0, 1], scalar or ``[B]``.
         sigma_next: s_{k+1} in [0, s_k), scalar or ``[B]``.
-        kind: one of :data:`KINDS`.
+        method: one of :data:`METHODS`.
         noise_level: a (flow_grpo, cps; 0.7 typical) or eta (dance; 0.3 typical).
         sigma_1: s_1 of the schedule, for flow_grpo's ``t == 1`` case; None uses ``sigma_next``
             (correct on the first step, the only one with ``t == 1``).
@@ -311,7 +311,7 @@ def sde_step(
         :class:`SDEStep` in the compute dtype: float32 (float64 if ``x`` or ``v`` is float64).
         ``prev_sample`` is NOT cast back to ``x.dtype``; the caller casts if it stores latents lower.
     """
-    _check_kind(kind, noise_level)
+    _check_method(method, noise_level)
     if x.ndim < 2:
         raise ValueError(
             f"sde_step: x must be [B, ...] with at least one non-batch dim; got {tuple(x.shape)}"
@@ -330,18 +330,18 @@ def sde_step(
     t_next = _per_sample(sigma_next, x, dtype, "sigma_next")
     dt = t_next - t
 
-    if kind == "cps":
+    if method == "cps":
         std = noise_std("cps", t, t_next, noise_level, None)
         x0_hat = x - t * v
         eps_hat = x + (1 - t) * v
         # clamp: rounding may make s_next^2 - s^2 a hair negative at a = 1
         mean = (1 - t_next) * x0_hat + torch.sqrt((t_next**2 - std**2).clamp_min(0)) * eps_hat
-    elif kind == "ode":
+    elif method == "ode":
         std = torch.zeros_like(t)
         mean = x + dt * v
     else:
         s1 = None if sigma_1 is None else _per_sample(sigma_1, x, dtype, "sigma_1")
-        g = noise_std(kind, t, t_next, noise_level, s1)
+        g = noise_std(method, t, t_next, noise_level, s1)
         mean = _sde_mean(x, v, t, dt, g)
         std = g * torch.sqrt(-dt)
 
@@ -361,7 +361,7 @@ def _mean_non_batch(t: Tensor) -> Tensor:
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``log N(sample; mean, std^2)`` per element, mean-reduced over non-batch dims -> ``[B]``.
 
-    The mean (not sum) over latent dims keeps ratios near 1 at any resolution (PSR_METHOD §3).
+    The mean (not sum) over latent dims keeps ratios near 1 at any resolution (docs/method.md §3).
     Elements with std == 0 contribute 0; a safe std keeps their gradients finite.
     """
     positive = std > 0

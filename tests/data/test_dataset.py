@@ -1,4 +1,4 @@
-"""SFT dataset, buckets, reference planning and pairing, batch and group samplers."""
+"""SFT dataset, buckets, reference planning and pairing, batch samplers and RL batch streams."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from psr.data.dataset import (
+    BatchStream,
     BucketBatchSampler,
-    GroupSampler,
     ImageLoadError,
     PromptDataset,
     SampleKey,
@@ -166,7 +166,7 @@ def test_bucket_batch_sampler_shards_and_resumes():
     resumed.load_state_dict({"epoch": stream[9][0].epoch, "cursor": stream[9][0].position + 1})
     assert list(itertools.islice(iter(resumed), 10)) == stream[10:]
     assert stream[7][0].epoch == 1 and stream[7][0].position == 0
-    with pytest.raises(ValueError, match="train.batch_size"):
+    with pytest.raises(ValueError, match="train.micro_batch_size"):
         BucketBatchSampler([0, 1], 2)
 
 
@@ -191,10 +191,10 @@ def test_dataloader_with_workers_equals_in_process(tmp_path):
     assert position_after(a[3]) == {"epoch": 1, "cursor": 1}  # 3 batches per epoch
 
 
-def test_group_sampler_whole_groups_per_rank_and_resume():
+def test_batch_stream_whole_groups_per_rank_and_resume():
     g = 3
     samplers = [
-        GroupSampler(10, prompts_per_step=2, group_size=g, rank=r, world_size=2, seed=1) for r in range(2)
+        BatchStream(10, prompts_per_step=2, group_size=g, rank=r, world_size=2, seed=1) for r in range(2)
     ]
     seen = []
     for _step in range(2):  # steps_per_epoch = 10 // 4 = 2
@@ -204,21 +204,21 @@ def test_group_sampler_whole_groups_per_rank_and_resume():
     assert len(set(seen)) == 8  # no prompt twice within the epoch
     assert samplers[0].state_dict() == {"epoch": 1, "step_in_epoch": 0}
     # iteration: each prompt G times in a row
-    items = list(itertools.islice(iter(GroupSampler(10, prompts_per_step=2, group_size=g, seed=1)), 12))
+    items = list(itertools.islice(iter(BatchStream(10, prompts_per_step=2, group_size=g, seed=1)), 12))
     assert all(len(set(items[i : i + g])) == 1 for i in range(0, 12, g))
     # resume
-    ref = GroupSampler(10, prompts_per_step=2, seed=4)
+    ref = BatchStream(10, prompts_per_step=2, seed=4)
     steps = [ref.next_indices() for _ in range(7)]
-    again = GroupSampler(10, prompts_per_step=2, seed=4)
+    again = BatchStream(10, prompts_per_step=2, seed=4)
     for _ in range(3):
         again.next_indices()
     state = again.state_dict()
-    resumed = GroupSampler(10, prompts_per_step=2, seed=4)
+    resumed = BatchStream(10, prompts_per_step=2, seed=4)
     resumed.load_state_dict(state)
     assert [resumed.next_indices() for _ in range(4)] == steps[3:]
-    assert steps[0] != GroupSampler(10, prompts_per_step=2, seed=5).next_indices()
+    assert steps[0] != BatchStream(10, prompts_per_step=2, seed=5).next_indices()
     with pytest.raises(ValueError, match="train.prompts_per_step"):
-        GroupSampler(3, prompts_per_step=2, world_size=2)
+        BatchStream(3, prompts_per_step=2, world_size=2)
 
 
 def test_prompt_dataset_loads_references_in_subject_order(tmp_path):
@@ -226,18 +226,18 @@ def test_prompt_dataset_loads_references_in_subject_order(tmp_path):
     rec = PromptDataset(recs, tmp_path)[0]
     assert rec.prompt == recs[0].instruction and rec.categories == ["thing"] * 3
     assert [_colour_of(r) for r in rec.references] == ["red", "green", "blue"]
-    sampler = GroupSampler(1, prompts_per_step=1, dataset=PromptDataset(recs, tmp_path))
+    sampler = BatchStream(1, prompts_per_step=1, dataset=PromptDataset(recs, tmp_path))
     assert sampler.next_batch()[0].id == "rec0"
 
 
 def test_psrbench_and_manifest_records_for_rl(tmp_path):
-    """RL prompts from a PSRBench JSON (no targets) and from a manifest, through the trainers' loader."""
+    """RL prompts from a PSRBench JSON (no targets) and from a manifest, through the data sources."""
     import json
 
     from omegaconf import OmegaConf
 
     from psr.data.manifest import write_manifest
-    from psr.trainers.common import build_prompt_records, load_records
+    from psr.data.sources import load_manifest, load_records
 
     recs = _records(tmp_path, n_subjects=(2, 3, 2))
     bench = [
@@ -247,30 +247,31 @@ def test_psrbench_and_manifest_records_for_rl(tmp_path):
     ]
     (tmp_path / "three.json").write_text(json.dumps(bench))
     cfg = OmegaConf.create(
-        {"data": {"kind": "psrbench", "path": str(tmp_path / "three.json"), "root": None, "heldout": 1}}
+        {
+            "data": {
+                "_target_": "psr.data.sources.load_psrbench",
+                "path": str(tmp_path / "three.json"),
+                "root": None,
+                "heldout": 1,
+            }
+        }
     )
-    train, heldout = build_prompt_records(cfg, tmp_path)
+    records = load_records(cfg.data, tmp_path)
+    train, heldout = PromptDataset(records.train, records.root), PromptDataset(records.heldout, records.root)
     assert len(train) == 2 and len(heldout) == 1 and train[1].kind == "three"
     assert [_colour_of(r) for r in train[1].references] == ["red", "green", "blue"]
     assert train[1].categories == ["red thing", "green thing", "blue thing"]
     with pytest.raises(ValueError, match="target image"):
-        SFTDataset(load_records(cfg.data, tmp_path)[0], tmp_path)  # PSRBench has no targets: RL/eval only
+        SFTDataset(records.train, tmp_path)  # PSRBench has no targets: RL/eval only
 
     write_manifest(tmp_path / "m.jsonl", recs)
-    train_s, held_s, root = load_records(
-        OmegaConf.create({"kind": "manifest", "manifest": str(tmp_path / "m.jsonl"), "heldout": 1}), tmp_path
-    )
+    train_s, held_s, root = load_manifest(str(tmp_path / "m.jsonl"), heldout=1)
     assert (
         [s.id for s in train_s] == ["rec0", "rec1"]
         and [s.id for s in held_s] == ["rec2"]
         and root == tmp_path
     )
     with pytest.raises(FileNotFoundError, match="data.manifest"):
-        load_records(
-            OmegaConf.create({"kind": "manifest", "manifest": str(tmp_path / "none.jsonl")}), tmp_path
-        )
+        load_manifest(str(tmp_path / "none.jsonl"))
     with pytest.raises(ValueError, match="data.heldout"):
-        load_records(
-            OmegaConf.create({"kind": "manifest", "manifest": str(tmp_path / "m.jsonl"), "heldout": 3}),
-            tmp_path,
-        )
+        load_manifest(str(tmp_path / "m.jsonl"), heldout=3)

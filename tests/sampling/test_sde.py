@@ -137,14 +137,14 @@ def test_noise_std_values():
     assert sde.noise_std("ode", torch.tensor(0.9), torch.tensor(0.6), 0.7, None).item() == 0
 
 
-@pytest.mark.parametrize("kind,level", [("flow_grpo", 0.7), ("dance", 0.3)])
-def test_sde_mean_is_euler_maruyama_of_score_corrected_drift(kind, level):
+@pytest.mark.parametrize("method,level", [("flow_grpo", 0.7), ("dance", 0.3)])
+def test_sde_mean_is_euler_maruyama_of_score_corrected_drift(method, level):
     """mean = x + [v - (g^2/2) score] dt with score = -(x + (1-t) v)/t, written independently."""
     x, v = _inputs(3, F64)
     t, t_next, s1 = torch.tensor(0.6, dtype=F64), torch.tensor(0.45, dtype=F64), torch.tensor(0.95, dtype=F64)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    step = sde.sde_step(x, v, t, t_next, kind=kind, noise_level=level, sigma_1=s1, noise=noise)
-    g = level * math.sqrt(0.6 / 0.4) if kind == "flow_grpo" else level
+    step = sde.sde_step(x, v, t, t_next, method=method, noise_level=level, sigma_1=s1, noise=noise)
+    g = level * math.sqrt(0.6 / 0.4) if method == "flow_grpo" else level
     score = -(x + (1 - t) * v) / t
     dt = t_next - t
     mean = x + (v - g**2 / 2 * score) * dt
@@ -162,7 +162,13 @@ def test_cps_preserves_coefficients_for_point_data():
     x = (1 - t) * x0 + t * eps
     v = eps - x0  # exact: E[eps - x0 | x] for point data
     step = sde.sde_step(
-        x, v, torch.tensor(t, dtype=F64), torch.tensor(t_next, dtype=F64), kind="cps", noise_level=a, noise=xi
+        x,
+        v,
+        torch.tensor(t, dtype=F64),
+        torch.tensor(t_next, dtype=F64),
+        method="cps",
+        noise_level=a,
+        noise=xi,
     )
     c, s = math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)
     torch.testing.assert_close(
@@ -177,12 +183,14 @@ def test_zero_noise_is_the_ode(dtype):
     sigma, sigma_next = torch.tensor([1.0, 0.8, 0.5, 0.1]), torch.tensor([0.9, 0.6, 0.3, 0.0])
     ode = sde.ode_step(x, v, sigma, sigma_next)
     # Flow-GRPO / Dance with a zero level: the coefficients are exactly 1, so bit-for-bit the ODE.
-    for kind in ("flow_grpo", "dance", "ode"):
-        step = sde.sde_step(x, v, sigma, sigma_next, kind=kind, noise_level=0.0, sigma_1=torch.tensor(0.9))
-        assert torch.equal(step.prev_sample, ode) and torch.equal(step.mean, ode), kind
+    for method in ("flow_grpo", "dance", "ode"):
+        step = sde.sde_step(
+            x, v, sigma, sigma_next, method=method, noise_level=0.0, sigma_1=torch.tensor(0.9)
+        )
+        assert torch.equal(step.prev_sample, ode) and torch.equal(step.mean, ode), method
         assert torch.equal(step.log_prob, torch.zeros(4, dtype=dtype)) and bool((step.std == 0).all())
     # CPS with a = 0: (1 - s') (x - t v) + s' (x + (1 - t) v) = x + (s' - t) v, equal up to rounding.
-    step = sde.sde_step(x, v, sigma, sigma_next, kind="cps", noise_level=0.0)
+    step = sde.sde_step(x, v, sigma, sigma_next, method="cps", noise_level=0.0)
     tol = 1e-12 if dtype == F64 else 1e-6
     torch.testing.assert_close(step.prev_sample, ode, rtol=tol, atol=tol)
     assert torch.equal(step.log_prob, torch.zeros(4, dtype=dtype))
@@ -208,12 +216,12 @@ def test_ode_step_matches_diffusers_scheduler_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind,level", [("flow_grpo", 0.7), ("dance", 0.3), ("cps", 0.7)])
-def test_log_prob_matches_torch_normal(kind, level, dtype):
+@pytest.mark.parametrize("method,level", [("flow_grpo", 0.7), ("dance", 0.3), ("cps", 0.7)])
+def test_log_prob_matches_torch_normal(method, level, dtype):
     x, v = _inputs(3, dtype)
     sigma, sigma_next = torch.tensor([1.0, 0.7, 0.3]), torch.tensor([0.9, 0.5, 0.1])
     gen = torch.Generator().manual_seed(3)
-    step = sde.sde_step(x, v, sigma, sigma_next, kind=kind, noise_level=level, sigma_1=0.9, generator=gen)
+    step = sde.sde_step(x, v, sigma, sigma_next, method=method, noise_level=level, sigma_1=0.9, generator=gen)
     assert step.log_prob.shape == (3,) and step.log_prob.dtype == dtype
     expected = Normal(step.mean, step.std.expand_as(step.mean)).log_prob(step.prev_sample).mean(dim=(1, 2))
     tol = 1e-12 if dtype == F64 else 1e-5
@@ -221,8 +229,8 @@ def test_log_prob_matches_torch_normal(kind, level, dtype):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("kind,level", [("flow_grpo", 0.7), ("dance", 0.3), ("cps", 0.7)])
-def test_recomputed_log_prob_equals_sampled_one(kind, level, batch):
+@pytest.mark.parametrize("method,level", [("flow_grpo", 0.7), ("dance", 0.3), ("cps", 0.7)])
+def test_recomputed_log_prob_equals_sampled_one(method, level, batch):
     # bf16 inputs, as the transformer returns them; all math must still be fp32
     x, v = _inputs(batch, torch.bfloat16, shape=(64, 16))
     sigmas = sde.flow_sigmas(10, 64)
@@ -232,7 +240,7 @@ def test_recomputed_log_prob_equals_sampled_one(kind, level, batch):
             v,
             sigmas[k],
             sigmas[k + 1],
-            kind=kind,
+            method=method,
             noise_level=level,
             sigma_1=sigmas[1],
             generator=torch.Generator().manual_seed(k),
@@ -244,7 +252,7 @@ def test_recomputed_log_prob_equals_sampled_one(kind, level, batch):
             v_grad,
             sigmas[k],
             sigmas[k + 1],
-            kind=kind,
+            method=method,
             noise_level=level,
             sigma_1=sigmas[1],
             prev_sample=sampled.prev_sample,
@@ -263,7 +271,7 @@ def test_recomputed_log_prob_equals_sampled_one(kind, level, batch):
             v.double(),
             sigmas[k],
             sigmas[k + 1],
-            kind=kind,
+            method=method,
             noise_level=level,
             sigma_1=sigmas[1],
             prev_sample=sampled.prev_sample.double(),
@@ -301,10 +309,10 @@ def test_kl_gaussian_means_matches_torch():
 
 def test_bad_inputs_raise_clear_errors():
     x, v = _inputs(2, torch.float32)
-    with pytest.raises(ValueError, match="kind='langevin'"):
-        sde.sde_step(x, v, 0.5, 0.4, kind="langevin")
+    with pytest.raises(ValueError, match="method='langevin'"):
+        sde.sde_step(x, v, 0.5, 0.4, method="langevin")
     with pytest.raises(ValueError, match="noise_level"):
-        sde.sde_step(x, v, 0.5, 0.4, kind="cps", noise_level=1.5)
+        sde.sde_step(x, v, 0.5, 0.4, method="cps", noise_level=1.5)
     with pytest.raises(ValueError, match="not both"):
         sde.sde_step(x, v, 0.5, 0.4, noise=x, prev_sample=x)
     with pytest.raises(ValueError, match="shape of x"):
@@ -386,7 +394,7 @@ PARTICLES, STEPS = 30_000, 200
 BIAS_ALLOWANCE, N_SE = 0.02, 5.0
 
 
-def _integrate(gmm, kind: str, level: float, correction_scale: float = 1.0) -> torch.Tensor:
+def _integrate(gmm, method: str, level: float, correction_scale: float = 1.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     sigmas = sde.flow_sigmas(STEPS, shift=1.0).double()  # uniform
     x = torch.randn(PARTICLES, 2, generator=gen, dtype=F64)
@@ -395,10 +403,10 @@ def _integrate(gmm, kind: str, level: float, correction_scale: float = 1.0) -> t
         v = gmm.velocity(x, t.item())
         if correction_scale == 1.0:  # the library's step
             x = sde.sde_step(
-                x, v, t, t_next, kind=kind, noise_level=level, sigma_1=sigmas[1], generator=gen
+                x, v, t, t_next, method=method, noise_level=level, sigma_1=sigmas[1], generator=gen
             ).prev_sample
         else:  # the same transition with a wrong score correction
-            g = sde.noise_std(kind, t, t_next, level, sigmas[1])
+            g = sde.noise_std(method, t, t_next, level, sigmas[1])
             mean = sde._sde_mean(x, v, t, t_next - t, g, correction_scale=correction_scale)
             x = mean + g * torch.sqrt(t - t_next) * torch.randn(x.shape, generator=gen, dtype=F64)
     return x
@@ -415,9 +423,20 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return stats, se
 
 
-def _check(stats, se, target, scale) -> torch.Tensor:
+def _check(stats, se, target, scale, allowance: float = BIAS_ALLOWANCE) -> torch.Tensor:
     """Normalised error: <= 1 passes."""
-    return (stats - target).abs() / (N_SE * se + BIAS_ALLOWANCE * scale)
+    return (stats - target).abs() / (N_SE * se + allowance * scale)
+
+
+# CPS is not an Euler-Maruyama step of the marginal-preserving SDE: every step replaces the share
+# sin(a pi/2) of eps_hat by fresh noise, which keeps the coefficients of x_0 and eps exact only for
+# an exact x0_hat. With the posterior mean (any data that is not a point) the samples come out
+# under-dispersed and pulled towards the heaviest component, by a bias that does not shrink with
+# more steps (28 steps: variances 14-26% low, sde.py's docstring). Measured with 400k particles at
+# 200 steps, in units of each statistic's scale: a = 0.7: means +8% / +5%, variances -8% / -21%;
+# a = 0.3: means +0.6% / +0.3%, variances -3% / -5%; covariance within 0.4%. Allowances: 25% and 6%,
+# on top of the 5 Monte-Carlo standard errors.
+CPS_ALLOWANCE = {0.7: 0.25, 0.3: 0.06}
 
 
 def test_sde_samples_the_data_distribution():
@@ -428,20 +447,35 @@ def test_sde_samples_the_data_distribution():
     scale = torch.stack([sd[0], sd[1], cov[0, 0], sd[0] * sd[1], cov[1, 1]])
 
     results = {}
-    for kind, level in [("ode", 0.0), ("flow_grpo", 0.7), ("dance", 0.3)]:
-        stats, se = _moments(_integrate(gmm, kind, level))
+    for method, level in [("ode", 0.0), ("flow_grpo", 0.7), ("dance", 0.3)]:
+        stats, se = _moments(_integrate(gmm, method, level))
         err = _check(stats, se, target, scale)
-        assert bool((err <= 1).all()), (kind, stats, target, se, err)
-        results[kind] = (stats, se)
+        assert bool((err <= 1).all()), (method, stats, target, se, err)
+        results[method] = (stats, se)
+    for level, allowance in CPS_ALLOWANCE.items():
+        stats, se = _moments(_integrate(gmm, "cps", level))
+        err = _check(stats, se, target, scale, allowance)
+        assert bool((err <= 1).all()), ("cps", level, stats, target, se, err)
+        # the bias has the documented direction: both variances low (an over-dispersing CPS fails)
+        assert bool((stats[[2, 4]] < target[[2, 4]]).all()), ("cps", level, stats, target)
+        results[f"cps_{level}"] = (stats, se)
     # and with each other: sd(a - b) <= sd(a) + sd(b) whatever their correlation
-    for kind in ("flow_grpo", "dance"):
-        (a, se_a), (b, se_b) = results[kind], results["ode"]
+    for method in ("flow_grpo", "dance"):
+        (a, se_a), (b, se_b) = results[method], results["ode"]
         err = (a - b).abs() / (N_SE * (se_a + se_b) + BIAS_ALLOWANCE * scale)
-        assert bool((err <= 1).all()), (kind, a, b, err)
+        assert bool((err <= 1).all()), (method, a, b, err)
 
     # the check has power: the score correction with the wrong sign (the forward-time SDE), or twice
     # too large (g^2/t for g^2/(2t)), fails it. Measured normalised errors: sign flip 24 (flow_grpo),
     # 3.4 (dance); factor 2 on flow_grpo 9.4; the correct SDEs <= 0.3.
-    for kind, level, correction in [("flow_grpo", 0.7, -1.0), ("dance", 0.3, -1.0), ("flow_grpo", 0.7, 2.0)]:
-        stats, se = _moments(_integrate(gmm, kind, level, correction_scale=correction))
-        assert bool((_check(stats, se, target, scale) > 1).any()), (kind, correction, stats, target)
+    for method, level, correction in [
+        ("flow_grpo", 0.7, -1.0),
+        ("dance", 0.3, -1.0),
+        ("flow_grpo", 0.7, 2.0),
+    ]:
+        stats, se = _moments(_integrate(gmm, method, level, correction_scale=correction))
+        assert bool((_check(stats, se, target, scale) > 1).any()), (method, correction, stats, target)
+    # CPS's a = 0.3 allowance has power too: the a = 0.7 transition, which is what a = 0.3 turns into
+    # with sin and cos exchanged (sin((1 - a) pi/2) = cos(a pi/2)), fails it (normalised error 2.2).
+    stats, se = results["cps_0.7"]
+    assert bool((_check(stats, se, target, scale, CPS_ALLOWANCE[0.3]) > 1).any()), stats

@@ -14,8 +14,6 @@ from psr.models.policy import FlowPolicy, pack_latents
 from psr.sampling import sde
 from psr.types import Conditioning, Trajectory
 
-SDE_KINDS = ("flow_grpo", "dance", "cps", "ode")
-
 
 def schedule(policy: FlowPolicy, cond: Conditioning, num_steps: int) -> Tensor:
     """``[K+1]`` fp32 sigmas with the model scheduler's shift rule for this target size."""
@@ -32,10 +30,10 @@ def schedule(policy: FlowPolicy, cond: Conditioning, num_steps: int) -> Tensor:
     return sde.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0))
 
 
-def sde_steps(num_steps: int, window: tuple[int, int] | None, kind: str) -> Tensor:
+def sde_steps(num_steps: int, window: tuple[int, int] | None, method: str) -> Tensor:
     """``[K]`` bool: which steps are stochastic (and so carry a log-prob and can be trained)."""
     mask = torch.zeros(num_steps, dtype=torch.bool)
-    if kind == "ode":
+    if method == "ode":
         return mask
     start, end = window if window is not None else (0, num_steps)
     if not 0 <= start < end <= num_steps:
@@ -70,7 +68,7 @@ def rollout(
     group_size: int,
     *,
     num_steps: int = 28,
-    kind: str = "flow_grpo",
+    method: str = "flow_grpo",
     noise_level: float = 0.7,
     sde_window: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
@@ -85,7 +83,7 @@ def rollout(
         policy: the model; run in eval mode, no gradients.
         cond: from :meth:`FlowPolicy.condition`.
         num_steps: K denoising steps.
-        kind: ``flow_grpo`` | ``dance`` | ``cps`` | ``ode`` (see :mod:`psr.sampling.sde`).
+        method: ``flow_grpo`` | ``dance`` | ``cps`` | ``ode`` (see :mod:`psr.sampling.sde`).
         noise_level: a (Flow-GRPO, CPS) or eta (DanceGRPO).
         sde_window: ``(start, end)``: SDE on steps start..end-1, ODE elsewhere; None = all steps.
         generator: drives the initial noise and the SDE noise (reproducible rollouts).
@@ -95,10 +93,10 @@ def rollout(
     Returns:
         A :class:`Trajectory` with fp32 latents ``[G, K+1, N, C]`` and log-probs ``[G, K]``.
     """
-    if kind not in SDE_KINDS:
-        raise ValueError(f"sampler.kind={kind!r}; expected one of {SDE_KINDS}")
+    if method not in sde.METHODS:
+        raise ValueError(f"sampler.method={method!r}; expected one of {sde.METHODS}")
     sigmas = schedule(policy, cond, num_steps).to(policy.device)
-    mask = sde_steps(num_steps, sde_window, kind)
+    mask = sde_steps(num_steps, sde_window, method)
     x = initial_noise(policy, cond, group_size, generator, same_noise) if latents is None else latents.float()
     xs = [x]
     log_probs = torch.zeros(group_size, num_steps, device=policy.device)
@@ -110,7 +108,7 @@ def rollout(
                 v,
                 sigmas[k],
                 sigmas[k + 1],
-                kind=kind,
+                method=method,
                 noise_level=noise_level,
                 sigma_1=sigmas[1],
                 generator=generator,
@@ -129,7 +127,7 @@ def rollout(
         group_ids=torch.full((group_size,), group_id, dtype=torch.long, device=policy.device),
         cond=cond,
         noise_level=noise_level,
-        kind=kind,
+        method=method,
     )
 
 
@@ -157,7 +155,7 @@ def step_log_prob(
         v,
         sigma,
         sigma_next,
-        kind=traj.kind,
+        method=traj.method,
         noise_level=traj.noise_level,
         sigma_1=traj.sigmas[1],
         prev_sample=x_next,
