@@ -1,4 +1,4 @@
-"""Full-state checkpoints in a run directory, written atomically; resume resolution; preemption.
+"""Full-state checkpoints in a run directory, written atomically; resume; ``init_from`` chains.
 
 Layout of one checkpoint (``ckpt_root/step_00000100/``)::
 
@@ -16,35 +16,34 @@ so a killed job leaves either a complete checkpoint or a temp directory that
 
 Several ranks: every rank calls :func:`save_checkpoint` with the same ``step`` (the directory must
 be on a filesystem all ranks see); rank 0 writes the shared files, each rank its RNG file, and
-``barrier`` (a callable, e.g. ``engine.barrier``) orders the phases. This module knows nothing of
-engines: the trainer passes tensors, dicts, its rank and world size.
+``barrier`` (a callable, e.g. ``engine.barrier``) orders the phases.
 
-Trainer flow::
+Two layers: :func:`save_checkpoint` / :func:`load_checkpoint` know nothing of engines (tensors, dicts,
+a rank and a world size); :func:`save_training_checkpoint` and :func:`load_initial_weights` are what
+trainers call, with the policy and the engine; :mod:`psr.resume` decides what a restarted run resumes::
 
-    path = resolve_resume(cfg.resume, run_dir / "checkpoints")     # auto | None | a path
-    if path is not None:
-        ckpt = load_checkpoint(path, rank=engine.rank)
-        engine.load_trainable_state_dict(ckpt["trainable"])
-        engine.load_state_dict(ckpt["training_state"]["engine"])
-        if ckpt["rng"] is not None:
-            restore_rng(ckpt["rng"])
+    resumed = load_resume(cfg.resume, ckpt_root, "psr-sft", rank)   # auto | None | a path
     ...
-    if preemption.poll():          # at a step boundary, on every rank
-        save_checkpoint(...); preemption.exit("saved"); return
+    due = step % every == 0 or step == total_steps
+    if checkpoint_or_stop("psr-sft", step, due, preemption, save):
+        return                     # at a step boundary, on every rank: saved, then stop
+
+A file that cannot be read raises :class:`CorruptCheckpointError` naming it. A checkpoint is named by
+its :func:`checkpoint_fingerprint` (path, step, hash of its ``meta.json``, which holds the save time),
+so a run that recorded one can tell when the directory now holds another checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,17 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "resolve_resume",
+    "find_checkpoint",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "checkpoint_fingerprint",
+    "check_fingerprint",
+    "set_aside",
+    "CorruptCheckpointError",
+    "checkpoint_or_stop",
+    "load_initial_weights",
     "rng_state",
     "restore_rng",
-    "PreemptionHandler",
-    "requeue_slurm_job",
 ]
 
 COMPLETE = "COMPLETE"
@@ -71,6 +77,26 @@ META = "meta.json"
 RNG_DIR = "rng"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _RESERVED = {COMPLETE, WEIGHTS, STATE, META, RNG_DIR}
+ABANDONED = "abandoned"  # ckpt_root/abandoned/<time>-step_N: newer checkpoints of a branch a resume left
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A file of a complete checkpoint cannot be read (truncated, overwritten, bad disk)."""
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``, with any failure to read reported as the file that failed."""
+    try:
+        return reader(path)
+    except Exception as err:  # torch / safetensors / json each raise their own types for a torn file
+        raise CorruptCheckpointError(
+            f"{path}: cannot be read ({type(err).__name__}: {err}); the checkpoint {path.parent} is "
+            "truncated or corrupt"
+        ) from err
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def step_dirname(step: int) -> str:
@@ -157,7 +183,7 @@ def save_checkpoint(
     training_state: dict[str, Any],
     data_state: dict[str, Any] | None = None,
     rng: bool = True,
-    extra_files: dict[str, Callable[[Path], None]] | None = None,
+    extra_files: dict[str, Callable[[Path], Any]] | None = None,
     keep_last: int | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -295,109 +321,234 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    state = _read(path / STATE, _torch_load)
     rng_path = path / _rng_file(rank)
     return {
         "path": path,
         "step": int(state["step"]),
-        "meta": json.loads((path / META).read_text()),
-        "trainable": load_file(str(path / WEIGHTS)),
+        "meta": _read(path / META, lambda p: json.loads(p.read_text())),
+        "trainable": _read(path / WEIGHTS, lambda p: load_file(str(p))),
         "training_state": state["training_state"],
         "data_state": state["data_state"],
-        "rng": torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None,
+        "rng": _read(rng_path, _torch_load) if rng_path.is_file() else None,
     }
 
 
-# ---------------------------------------------------------------------------------------------- preemption
+def checkpoint_fingerprint(path: str | Path) -> dict[str, Any]:
+    """What names one checkpoint for good: ``{"path", "step", "sha256"}``, the hash of its ``meta.json``
+    and ``COMPLETE`` (``meta.json`` holds the save time, so the same step saved again differs)."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256()
+    for name in (META, COMPLETE):
+        digest.update(_read(path / name, lambda p: p.read_bytes()))
+    return {"path": str(path), "step": int(path.name.split("_")[-1]), "sha256": digest.hexdigest()}
 
 
-def requeue_slurm_job(job_id: str | None = None) -> None:
-    """``scontrol requeue <job>`` for this Slurm job (``SLURM_JOB_ID``); raises with scontrol's output."""
-    job_id = job_id or os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        raise RuntimeError("requeue asked for, but SLURM_JOB_ID is not set (not running under Slurm)")
-    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"scontrol requeue {job_id} failed ({done.returncode}): {done.stderr.strip()} "
-            "(is the job submitted with --requeue?)"
+def check_fingerprint(expected: dict[str, Any], what: str) -> Path:
+    """The checkpoint ``expected`` (a :func:`checkpoint_fingerprint`) names, unchanged; else a
+    FileNotFoundError / ValueError naming ``what`` recorded it, the checkpoint and what is there now."""
+    path = Path(expected["path"])
+    pinned = f"{path} (step {expected['step']}, sha256 {expected['sha256'][:12]})"
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{what} was made from {pinned}, which no longer exists")
+    now = checkpoint_fingerprint(path)
+    if now != {**expected, "path": str(path.resolve())}:
+        raise ValueError(
+            f"{what} was made from {pinned}, which has changed since (now step {now['step']}, sha256 "
+            f"{now['sha256'][:12]}): it was saved again"
         )
+    return path
 
 
-class PreemptionHandler:
-    """Turns SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit) into a flag.
+def set_aside(ckpt_root: str | Path, resumed: str | Path | None, name: str) -> list[Path]:
+    """Move the checkpoints of ``ckpt_root`` at or after ``resumed``'s step (other than ``resumed``;
+    with ``resumed=None``, a fresh start: all of them) to ``ckpt_root/abandoned/<time>-step_N/``: a
+    branch the run left, which ``keep_last`` must not keep in place of the new checkpoints and
+    ``resume=auto`` / ``init_from`` / ``psr-eval checkpoint=`` must not pick.
 
-    The handler only records the signal; the trainer checks at step boundaries, saves a checkpoint,
-    calls :meth:`exit` and returns normally. Handlers are installed on construction (main thread
-    only) and the previous ones restored by :meth:`uninstall` or on leaving a ``with`` block.
+    Returns:
+        Where they went (newest first).
+    """
+    root = Path(ckpt_root)
+    here = None if resumed is None else Path(resumed).resolve()
+    step = 0 if here is None else int(here.name.split("_")[-1])
+    stale = [p for p in list_checkpoints(root) if int(p.name[5:]) >= step and p.resolve() != here]
+    why = "a fresh start" if here is None else f"resumed from {here}"
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in reversed(stale):
+        dest = root / ABANDONED / f"{stamp}-{path.name}"
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+        moved.append(dest)
+        print(f"{name}: {why}: the checkpoint {path} of another branch is set aside as {dest}", flush=True)
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+
+def save_training_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    policy: Any,
+    engine: Any,
+    *,
+    data_state: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+    export_lora: bool = False,
+) -> Path:
+    """Full training state at ``step`` (collective): weights, optimizer, schedule, EMA, RNG, data position.
+
+    ``training_state`` holds ``{"engine": engine.state_dict(), "trainer": extra, "model": {"mode",
+    "init_from", "init_from_fingerprint", "lora"}}`` (what :func:`load_initial_weights` needs). With ``export_lora`` (LoRA runs
+    only: full weights are in ``trainable.safetensors`` already) a diffusers-format
+    ``lora/pytorch_lora_weights.safetensors`` is written next to it, from the EMA weights when the
+    engine keeps an EMA (what inference should use), else from the live weights.
+    """
+    from psr.models.lora import export_diffusers_lora, lora_config
+
+    trainable = engine.trainable_state_dict()
+    lora = lora_config(policy.transformer)
+    meta = {
+        "mode": "full" if lora is None else "lora",
+        "init_from": getattr(policy, "init_from", None),
+        "init_from_fingerprint": getattr(policy, "init_from_fingerprint", None),  # pinned: psr.resume
+    }
+    if lora is not None:
+        meta["lora"] = lora
+    extra_files: dict[str, Callable[[Path], Any]] = {}
+    if export_lora and lora is not None:
+        ema = getattr(engine, "ema", None)
+        weights = ema.shadow if ema is not None else trainable
+        extra_files["lora"] = functools.partial(export_diffusers_lora, policy.transformer, weights)
+    return save_checkpoint(
+        ckpt_root,
+        step,
+        trainable=trainable,
+        training_state={"engine": engine.state_dict(), "trainer": dict(extra or {}), "model": meta},
+        data_state=data_state,
+        extra_files=extra_files,
+        keep_last=keep_last,
+        rank=engine.rank,
+        world_size=engine.world_size,
+        barrier=engine.barrier,
+    )
+
+
+def load_training_checkpoint(checkpoint: Path | dict[str, Any], engine: Any) -> dict[str, Any]:
+    """Restore what :func:`save_training_checkpoint` wrote into a set-up engine; restore RNG states.
 
     Args:
-        signals: signal names to catch.
-        requeue: in :meth:`exit`, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` when under Slurm.
-        install: install the handlers now.
+        checkpoint: a checkpoint directory, or what :func:`load_checkpoint` read from one.
+
+    Returns:
+        ``{"step", "data", **trainer extras}``.
     """
+    state = load_checkpoint(checkpoint, rank=engine.rank) if isinstance(checkpoint, Path) else checkpoint
+    path = state["path"]
+    try:
+        engine.load_trainable_state_dict(state["trainable"])
+        engine.load_state_dict(state["training_state"]["engine"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise type(err)(f"resuming from {path}: {err}") from err
+    if state["rng"] is not None:
+        restore_rng(state["rng"])
+    return {"step": state["step"], "data": state["data_state"], **state["training_state"].get("trainer", {})}
 
-    def __init__(
-        self, signals: Iterable[str] = ("SIGTERM", "SIGUSR1"), requeue: bool = False, install: bool = True
-    ) -> None:
-        self.signals = [
-            getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals
-        ]
-        self.requeue = bool(requeue)
-        self.signal_name: str | None = None
-        self._agreed = False
-        self._previous: dict[int, Any] = {}
-        if install:
-            self.install()
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+def checkpoint_or_stop(name: str, step: int, due: bool, preemption: Any, save: Callable[[], Any]) -> bool:
+    """At a step boundary (after ``preemption.poll()``): ``save()`` when ``due`` (the trainer's
+    schedule) or on a preemption signal; True when the signal asks the run to stop (after reporting it)."""
+    if due or preemption.triggered:
+        save()
+    if preemption.triggered:
+        preemption.exit(f"{name}: {preemption.signal_name} at step {step}: checkpoint saved")
+        return True
+    return False
 
-    def install(self) -> PreemptionHandler:
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+def find_checkpoint(path: str | os.PathLike, key: str = "init_from") -> Path:
+    """A checkpoint directory from a checkpoint, a run directory or a ``checkpoints/`` directory
+    (``key``: the setting that named it, for the message)."""
+    p = Path(os.path.expanduser(str(path)))
+    if (p / COMPLETE).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{key}={path}: no complete checkpoint there, nor under {p / 'checkpoints'}")
 
-    def __enter__(self) -> PreemptionHandler:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.uninstall()
+@torch.no_grad()
+def load_initial_weights(
+    policy: Any,
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    fingerprint: dict[str, Any] | None = None,
+    key: str = "init_from",
+    _depth: int = 0,
+) -> Path:
+    """Start ``policy`` from the weights of an SFT (or RL) checkpoint; what ``init_from=`` does.
 
-    @property
-    def triggered(self) -> bool:
-        """This process received a signal (or :meth:`poll` agreed that some rank did)."""
-        return self.signal_name is not None or self._agreed
+    ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint). A LoRA
+    checkpoint is **merged** into the transformer's base weights (:func:`psr.models.lora.merge_lora`,
+    ``W += (alpha / r) B A``); a full checkpoint replaces them. Adapters already on ``policy`` (e.g.
+    the fresh RL LoRA) are left as they are, so the adapted model starts equal to the checkpoint's
+    model and the adapters-disabled reference policy is that model too. With ``use_ema`` the
+    checkpoint's EMA weights are used when it has them. A LoRA run that itself started from
+    ``init_from`` (RL on an SFT run) recorded it: that model is loaded first, then this run's delta.
 
-    def poll(self, reduce_max: Callable[[float], float] | None = None) -> bool:
-        """Whether any rank was signalled (collective when distributed): call once per step, at the
-        same point on every rank, so all ranks save and stop at the same step. Ranks also agree on
-        which signal: SIGUSR1 (asks for a requeue) wins over SIGTERM (asks to stop)."""
-        from psr.distributed import all_reduce_max
+    With ``fingerprint`` (a :func:`checkpoint_fingerprint`: a run pins its ``init_from`` checkpoint at
+    its first start) exactly that checkpoint is read, and a missing or changed one is an error; a
+    checkpoint whose run recorded the fingerprint of its own ``init_from`` is checked the same way.
 
-        reduce = reduce_max or all_reduce_max
-        code = {None: 0.0, "SIGTERM": 1.0, "SIGUSR1": 2.0}.get(self.signal_name, 1.0)
-        agreed = reduce(code)
-        self._agreed = agreed > 0
-        if self._agreed and self.signal_name != "SIGUSR1":
-            self.signal_name = "SIGUSR1" if agreed >= 2 else (self.signal_name or "SIGTERM")
-        return self._agreed
+    ``key`` is the setting that named ``path`` (``init_from``; psr-eval's ``checkpoint``), for messages.
 
-    def exit(self, message: str, rank: int | None = None) -> None:
-        """Report the stop and, with ``requeue`` under Slurm, requeue the job from rank 0. Returns,
-        so the trainer can close its logger and process group and return normally."""
-        if rank is None:
-            from psr.distributed import rank as current_rank
+    Returns:
+        The checkpoint directory that was read.
+    """
+    from safetensors.torch import load_file
 
-            rank = current_rank()
-        print(message, file=sys.stderr, flush=True)
-        # only SIGUSR1 (what the sbatch templates ask for before the time limit) requeues: SIGTERM
-        # comes from scancel (stop) or from Slurm's own preemption/requeue, which requeues by itself
-        if self.requeue and self.signal_name == "SIGUSR1" and rank == 0 and os.environ.get("SLURM_JOB_ID"):
-            requeue_slurm_job()
-            print(f"requeued Slurm job {os.environ['SLURM_JOB_ID']}", file=sys.stderr, flush=True)
+    from psr.models.lora import merge_lora
+
+    ckpt_dir = (
+        find_checkpoint(path, key) if fingerprint is None else check_fingerprint(fingerprint, f"{key}={path}")
+    )
+    state = _read(ckpt_dir / STATE, _torch_load)["training_state"]
+    weights = _read(ckpt_dir / WEIGHTS, lambda p: load_file(str(p)))
+    ema = state["engine"].get("ema")
+    if use_ema and ema is not None:
+        weights = ema["shadow"]
+    meta = state.get("model") or {}
+    if meta.get("mode") == "lora" and meta.get("init_from"):
+        # this run's LoRA is a delta on the model it started from (e.g. RL on SFT): that one first
+        if _depth >= 8:
+            raise ValueError(f"{ckpt_dir}: init_from chain longer than 8 checkpoints (a cycle?)")
+        pinned = meta.get("init_from_fingerprint")
+        load_initial_weights(
+            policy, meta["init_from"], use_ema=use_ema, fingerprint=pinned, _depth=_depth + 1
+        )
+    transformer = policy.transformer
+    if meta.get("mode") == "lora":
+        scale = float(meta["lora"]["alpha"]) / int(meta["lora"]["rank"])
+        merge_lora(transformer, weights, scale, source=str(ckpt_dir))
+    elif meta.get("mode") == "full":
+        base = {
+            k.replace(".base_layer.", "."): v
+            for k, v in transformer.state_dict(keep_vars=True).items()
+            if "lora_" not in k
+        }
+        missing, unknown = sorted(set(base) - set(weights)), sorted(set(weights) - set(base))
+        if missing or unknown:
+            raise KeyError(
+                f"{ckpt_dir}: full checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
+            )
+        for k, v in weights.items():
+            base[k].copy_(v.to(base[k].dtype))
+    else:
+        raise ValueError(f"{ckpt_dir}: checkpoint has no model metadata (mode lora | full)")
+    return ckpt_dir

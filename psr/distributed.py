@@ -19,7 +19,6 @@ import importlib
 import math
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -41,6 +40,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_max",
     "broadcast_object",
+    "gather_scores",
     "destroy",
 ]
 
@@ -239,6 +239,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_scores(local: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    """Every rank's ``[n_r]`` scores concatenated in rank order (collective).
+
+    A rank that scored nothing passes ``{}``; the keys come from the first rank that has some, and
+    ``device`` is where such a rank's empty tensors (and so its result) live.
+    """
+    keys: list[str] = next((k for k in all_gather_object(sorted(local)) if k), [])
+    empty = torch.empty(0, device=device)
+    return {k: all_gather_tensor(local.get(k, empty)) for k in keys}
+
+
 def split_evenly(n: int, rank: int, world_size: int) -> tuple[range, int]:
     """This rank's contiguous share of ``n`` items (rank 0 first, so concatenating the shares in rank
     order restores the items' order) and the largest share, which ranks that must run equally many
@@ -256,8 +267,9 @@ def destroy() -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    ds_comm = sys.modules.get("deepspeed.comm")  # loaded only if an engine imported deepspeed
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()
-    else:
+    # imported here: psr.engine imports this module; psr.engine.deepspeed is the one place that
+    # touches deepspeed (and it imports nothing when no engine loaded it)
+    from psr.engine.deepspeed import destroy_process_group
+
+    if not destroy_process_group():
         dist.destroy_process_group()

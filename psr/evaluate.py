@@ -6,9 +6,9 @@ One run, top to bottom (:func:`main`):
   2. the model of ``model``, optionally with ``checkpoint=`` (a psr-sft / psr-rl run or checkpoint
      directory, LoRA merged) and/or ``lora=`` (a diffusers-format LoRA file, merged);
   3. per record: condition once (prompt + references), ``eval.samples_per_prompt`` ODE samples from
-     per-sample initial noise seeded by ``(seed, record id, sample index)``, so a sample is the same
-     whatever the batch, the sharding or the resume;
-  4. per batch of ``eval.batch_size`` records: the reward on all its images in one call, the PNGs
+     per-sample initial noise seeded by ``(seed, record id, sample index)`` (the ``eval`` domain of
+     :mod:`psr.seeding`), so a sample is the same whatever the batch, the sharding or the resume;
+  4. per batch of ``eval.records_per_batch`` records: the reward on all its images in one call, the PNGs
      under ``samples/`` and one line per sample appended to the scores file (flushed per batch);
   5. rank 0 merges every rank's lines into ``scores.jsonl``, writes ``summary.json`` (mean / std /
      count per reward key, overall and per task kind) and ``grid.png`` (references | samples).
@@ -32,14 +32,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
 from psr import distributed
-from psr.data.dataset import PromptDataset, PromptRecord, derive_seed, open_image, to_tensor
-from psr.sampling.sampler import initial_noise, rollout
-from psr.trainers import common
+from psr.checkpoint import checkpoint_fingerprint, find_checkpoint, load_initial_weights
+from psr.config import EvalSettings, settings
+from psr.data.dataset import PromptDataset, PromptRecord, open_image, to_tensor
+from psr.data.sources import load_records
+from psr.logging import make_grid, progress
+from psr.models.lora import merge_lora, read_diffusers_lora
+from psr.runlock import lock_run_dir
+from psr.sampling.rollout import initial_noise, rollout
+from psr.seeding import derive_seed
+from psr.trainers import print_outputs, resolve_run_dir
+from rewards.base import RewardInputs, build_reward
 
 SCORES = "scores.jsonl"
 SUMMARY = "summary.json"
@@ -51,19 +60,21 @@ SAMPLING_KEYS = ("samples_per_prompt", "resolution", "num_steps")  # eval keys t
 # ---------------------------------------------------------------------------------------------- pure helpers
 
 
-def record_key(record_id: str) -> int:
-    """A stable 63-bit integer for a record id (seeds must not depend on the record's position)."""
-    return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "little") >> 1
-
-
 def sample_seed(seed: int, record_id: str, index: int) -> int:
-    """The seed of sample ``index`` of record ``record_id``: its initial noise depends on nothing else."""
-    return derive_seed(seed, record_key(record_id), index)
+    """The seed of sample ``index`` of record ``record_id``: its initial noise depends on nothing else
+    (keyed by the id, not the record's position, so subsets and reorderings keep every sample)."""
+    return derive_seed(seed, "eval", record_id, index)
 
 
 def image_name(record_id: str, index: int) -> str:
-    """``<record_id>_<k>.png`` with characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', record_id)}_{index}.png"
+    """``<record_id>_<k>.png`` for an id made of ``[A-Za-z0-9._-]`` (at most 100 of them); otherwise the
+    id with other characters replaced by ``_``, cut to 100 characters, and ``-<hash of the id>``, so
+    ids that differ only in replaced characters (``x/1``, ``x?1``, ``x_1``) get files of their own."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", record_id)
+    if safe == record_id and len(safe) <= 100:
+        return f"{safe}_{index}.png"
+    digest = hashlib.sha256(record_id.encode("utf-8")).hexdigest()[:12]
+    return f"{safe[:100]}-{digest}_{index}.png"
 
 
 def quantize(images: Tensor) -> Tensor:
@@ -149,6 +160,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def to_plain(node: Any) -> Any:
+    """A config node as plain Python containers (for JSON); other values as they are."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings as ``{"a.b.c": leaf}``."""
     out: dict[str, Any] = {}
@@ -171,18 +187,10 @@ def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 def load_lora_file(policy: Any, path: str | os.PathLike) -> Path:
     """Merge a diffusers-format FLUX LoRA (``pytorch_lora_weights.safetensors`` or its folder) into
     the transformer's base weights, at the scale stored with it (alpha / rank; 1 without metadata)."""
-    from psr.models.lora import merge_lora
-
     p = Path(os.path.expanduser(str(path)))
-    if p.is_dir():
-        p = p / "pytorch_lora_weights.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"lora={path}: no such file (a diffusers LoRA .safetensors or its folder)")
-    policy.transformer.load_lora_adapter(
-        str(p.parent), weight_name=p.name, prefix="transformer", adapter_name="psr_eval_lora"
-    )
-    merge_lora(policy.transformer)
-    return p
+    weights, scale = read_diffusers_lora(p)
+    merge_lora(policy.transformer, weights, scale, source=f"lora={path}")
+    return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -193,65 +201,57 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        e = cfg.eval
+        # the typed section (psr.schema): a value of the wrong type or out of range fails here, naming its key
+        e = settings(cfg.eval, EvalSettings, "eval")
         self.seed = int(cfg.seed)
-        self.split = str(e.split)
-        if self.split not in SPLITS:
-            raise ValueError(f"eval.split={self.split!r}; expected one of {SPLITS}")
-        self.samples_per_prompt = int(e.samples_per_prompt)
-        self.resolution = int(e.resolution)
-        self.num_steps = int(e.num_steps)
-        self.batch_size = int(e.batch_size)
-        self.grid_records = int(e.grid_records)
-        self.limit = None if e.get("limit") is None else int(e.limit)
-        for key, value in (
-            ("samples_per_prompt", self.samples_per_prompt),
-            ("num_steps", self.num_steps),
-            ("batch_size", self.batch_size),
-        ):
-            if value < 1:
-                raise ValueError(f"eval.{key}={value} must be >= 1")
+        self.split = e.split
+        self.samples_per_prompt = e.samples_per_prompt
+        self.resolution = e.resolution
+        self.num_steps = e.num_steps
+        self.records_per_batch = e.records_per_batch
+        self.grid_records = e.grid_records
+        self.limit = e.limit
 
     def setup(self) -> None:
         cfg = self.cfg
         self.info, self._owns_group = distributed.init_distributed()
         self.rank, self.world = self.info.rank, self.info.world_size
-        self.run_dir = common.resolve_run_dir(cfg)
+        self.run_dir = resolve_run_dir(cfg.run_dir)
+        self.run_lock = lock_run_dir(self.run_dir, "psr-eval", rank=self.rank)  # collective; before any write
         self.device = torch.device(
             cfg.device
             if cfg.get("device")
             else (f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu")
         )
+        self.checkpoint = self._resolve_checkpoint(cfg.get("checkpoint"))
         self._check_settings()
-        # rank 0 first: the synthetic set is written into run_dir, and two writers would collide
-        if self.rank == 0:
-            self.records = self._load_records()
-        distributed.barrier()
-        if self.rank != 0:
-            self.records = self._load_records()
-        from hydra.utils import instantiate
-
+        self.records = self._load_records()  # collective for data=synthetic (one writer, then all read)
         self.policy = instantiate(cfg.model, device=str(self.device))
-        if cfg.get("checkpoint"):
-            read = common.load_initial_weights(self.policy, str(cfg.checkpoint))
+        if self.checkpoint is not None:
+            read = load_initial_weights(
+                self.policy, cfg.checkpoint, fingerprint=self.checkpoint, key="checkpoint"
+            )
             self._say(f"psr-eval: weights from {read}")
         if cfg.get("lora"):
             read = load_lora_file(self.policy, str(cfg.lora))
             self._say(f"psr-eval: LoRA merged from {read}")
         self.policy.eval()
-        self.reward = common.build_reward(cfg.reward, self.device)
+        self.reward = build_reward(cfg.reward, self.device)
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
             print(text, flush=True)
 
     def _load_records(self) -> PromptDataset:
-        train, heldout, root = common.load_records(self.cfg.data, self.run_dir)
+        train, heldout, root = load_records(self.cfg.data, self.run_dir)
         samples = {"all": train + heldout, "train": train, "heldout": heldout}[self.split]
         if self.limit is not None:
             samples = samples[: self.limit]
         if not samples:
-            raise ValueError(f"eval.split={self.split} selects no records of data.kind={self.cfg.data.kind}")
+            raise ValueError(
+                f"eval.split={self.split} selects no records of data={self.cfg.data._target_} "
+                f"(data.heldout={self.cfg.data.get('heldout')}, eval.limit={self.limit})"
+            )
         ids = [s.id for s in samples]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -260,17 +260,31 @@ class Evaluator:
             )
         return PromptDataset(samples, root)
 
+    def _resolve_checkpoint(self, checkpoint: str | None) -> dict[str, Any] | None:
+        """The checkpoint ``checkpoint=`` (a run directory: its newest) stands for, as a fingerprint
+        (path, step, hash), resolved once by rank 0 for every rank."""
+        if not checkpoint:
+            return None
+        found = (
+            checkpoint_fingerprint(find_checkpoint(checkpoint, key="checkpoint")) if self.rank == 0 else None
+        )
+        return distributed.broadcast_object(found)  # type: ignore[no-any-return]
+
     def _check_settings(self) -> None:
-        """A rerun in the same run_dir must sample the same way, or resumed scores would mix two models."""
+        """A rerun in the same run_dir must sample the same way, or resumed scores would mix two models:
+        the settings and the checkpoint ``checkpoint=`` resolved to (a run directory that saved a newer
+        checkpoint since names another model) must equal the first start's."""
         keep = ("model", "reward", "seed", "checkpoint", "lora", *(f"eval.{k}" for k in SAMPLING_KEYS))
-        settings = flatten({k: common.to_plain(OmegaConf.select(self.cfg, k)) for k in keep})
+        settings = flatten({k: to_plain(OmegaConf.select(self.cfg, k)) for k in keep})
+        settings.update(flatten({"checkpoint_resolved": self.checkpoint or {}}))
         path = self.run_dir / SETTINGS
         if path.is_file():
             old = json.loads(path.read_text())
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if changed:
+                diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
                 raise ValueError(
-                    f"{self.run_dir} holds scores made with other settings ({', '.join(changed)} differ from "
+                    f"{self.run_dir} holds scores made with other settings ({diff} differ from "
                     f"{path}); evaluate into a new run_dir (hydra.run.dir=...) or delete it"
                 )
         distributed.barrier()
@@ -304,7 +318,7 @@ class Evaluator:
             ]
         )  # [G, N, C]
         traj = rollout(
-            self.policy, cond, self.samples_per_prompt, num_steps=self.num_steps, kind="ode", latents=noise
+            self.policy, cond, self.samples_per_prompt, num_steps=self.num_steps, method="ode", latents=noise
         )
         return quantize(traj.images), seeds
 
@@ -324,9 +338,9 @@ class Evaluator:
         out_path = self.scores_path()
         drop_torn_tail(out_path)
         count = 0
-        bar = common.progress(len(todo), "psr-eval", self.rank, unit="record")
+        bar = progress(len(todo), "psr-eval", self.rank, unit="record")
         with out_path.open("a", encoding="utf-8") as out:
-            for chunk in batched(todo, self.batch_size):
+            for chunk in batched(todo, self.records_per_batch):
                 images: list[Tensor] = []
                 rows: list[dict[str, Any]] = []
                 inputs: list[PromptRecord] = []
@@ -349,7 +363,7 @@ class Evaluator:
                         for k in missing
                     ]
                 batch = torch.cat(images)  # [B, 3, H, W]
-                scores = self.reward(batch.to(self.device), common.reward_inputs(inputs))
+                scores = self.reward(batch.to(self.device), RewardInputs.from_records(inputs))
                 values = {k: v.detach().float().cpu().tolist() for k, v in scores.items()}
                 for b, row in enumerate(rows):
                     to_pil(batch[b]).save(self.run_dir / row["image"])
@@ -409,9 +423,10 @@ class Evaluator:
                 [f"ref {k + 1}" for k in range(len(rec.references))]
                 + [_caption(r["scores"].get("score")) for r in samples]
             )
-        common.make_grid(cells, captions, cell_height=min(256, self.resolution)).save(self.run_dir / GRID)
+        make_grid(cells, captions, cell_height=min(256, self.resolution)).save(self.run_dir / GRID)
 
     def cleanup(self) -> None:
+        self.run_lock.release()
         if self._owns_group:
             distributed.destroy()
 
@@ -448,7 +463,7 @@ def main(cfg: DictConfig) -> None:
     if summary is not None:
         print_summary(summary)
         run_dir = evaluator.run_dir
-        common.print_outputs(
+        print_outputs(
             "psr-eval",
             run_dir,
             time.time() - start,

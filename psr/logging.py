@@ -7,9 +7,16 @@ JSON). On ranks other than 0 every method does nothing, so trainers call it unco
 wandb runs offline by default with its files under ``run_dir``; tensorboard is imported only when
 asked for.
 
+Kills and resumes: opening the file cuts off a torn last line (a kill mid-write), and a resumed
+trainer calls :meth:`MetricLogger.resume_at` with its checkpoint's step before logging, which drops
+the lines logged after that checkpoint (they are logged again), so every step appears once. wandb
+continues the same run: its id is kept in ``run_dir/wandb_run_id``. tensorboard hides the events
+after the checkpoint (``purge_step``).
+
 Usage::
 
     logger = MetricLogger(run_dir, backends=("jsonl", "wandb"), run_config=cfg_dict, rank=engine.rank)
+    logger.resume_at(step)                                          # 0 for a fresh start
     timer = StepTimer()
     with timer("rollout"):
         ...
@@ -23,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +40,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["MetricLogger", "StepTimer", "make_grid", "progress", "BACKENDS"]
+from psr.fileio import atomic_write
+
+__all__ = ["MetricLogger", "build_logger", "reward_metrics", "StepTimer", "make_grid", "progress", "BACKENDS"]
 
 BACKENDS = ("jsonl", "wandb", "tensorboard")
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb_run_id"  # in run_dir: every start of the run continues this wandb run
 
 
 def _scalar(key: str, value: Any) -> float | int | str | None:
@@ -89,13 +101,17 @@ class MetricLogger:
         self.run_dir = Path(run_dir)
         self.enabled = rank == 0
         self.backends = tuple(dict.fromkeys(("jsonl", *backends)))
+        self.path = self.run_dir / METRICS
+        self.run_config = run_config
         self._wandb: Any = None
         self._tb: Any = None
         self._file: Any = None
+        self._logged = False
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        _drop_torn_tail(self.path)  # else the next line would be glued to the torn one
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if "wandb" in self.backends:
             import wandb
 
@@ -107,31 +123,93 @@ class MetricLogger:
                 mode=wandb_mode,  # type: ignore[arg-type]
                 dir=str(self.run_dir),
                 config=run_config or {},
+                id=self._wandb_id(),
+                resume="allow",
                 reinit="finish_previous",
             )
         if "tensorboard" in self.backends:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401 (fail now, not at the first log)
             except ImportError as err:
                 raise ImportError(
                     "logger.backends includes tensorboard but the tensorboard package is not installed: "
                     "pip install 'psr-rl[tensorboard]', or use logger=jsonl / logger=wandb"
                 ) from err
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-            if run_config:
-                self._tb.add_text("config", f"```\n{json.dumps(run_config, indent=2, default=str)}\n```", 0)
+
+    def _wandb_id(self) -> str:
+        """This run directory's wandb run id: made at the first start, read back at every later one."""
+        path = self.run_dir / WANDB_ID
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(6)  # wandb ids: lowercase letters and digits
+        atomic_write(path, run_id + "\n")
+        return run_id
+
+    def _tensorboard(self, purge_step: int | None = None) -> Any:
+        """The tensorboard writer, made at first use: a resumed run hides the events from
+        ``purge_step`` on that its killed predecessor wrote after the checkpoint."""
+        if self._tb is None and "tensorboard" in self.backends and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+            if self.run_config and not purge_step:
+                self._tb.add_text(
+                    "config", f"```\n{json.dumps(self.run_config, indent=2, default=str)}\n```", 0
+                )
+        return self._tb
+
+    def resume_at(self, step: int) -> int:
+        """Make ``metrics.jsonl`` hold the steps up to ``step`` only, before a run continues after it.
+
+        Lines of later steps were logged by a run killed after its checkpoint at ``step``; this run
+        logs them again. ``step`` 0 is a fresh start (no checkpoint), which logs everything again,
+        step 0 included. Lines that are not JSON objects with a ``step`` (a torn line left in the
+        middle by an older version) are dropped too. Call it before the first :meth:`log`.
+
+        Args:
+            step: the step of the checkpoint the run resumed from; 0 when it starts from scratch.
+
+        Returns:
+            How many lines were dropped (0 on ranks other than 0).
+        """
+        if self._logged:
+            raise RuntimeError("MetricLogger.resume_at must come before the first log")
+        if not self.enabled:
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                line_step = int(row["step"])
+            except (ValueError, TypeError, KeyError):
+                dropped += 1
+                continue
+            if step > 0 and line_step <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write(self.path, "".join(kept))  # a kill now leaves the old file or the new one
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if "tensorboard" in self.backends:
+            self._tensorboard(purge_step=step + 1 if step > 0 else 0)
+        return dropped
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Append ``{"step": step, "time": unix seconds, **metrics}`` to metrics.jsonl (and the others)."""
         if not self.enabled:
             return
+        self._logged = True
         values = {k: _scalar(k, v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
         self._file.flush()
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self._wandb is not None:
             self._wandb.log(numbers, step=int(step))
-        if self._tb is not None:
+        if self._tensorboard() is not None:
             for k, v in numbers.items():
                 self._tb.add_scalar(k, v, int(step))
 
@@ -146,7 +224,7 @@ class MetricLogger:
             import wandb
 
             self._wandb.log({name: wandb.Image(str(path))}, step=int(step))
-        if self._tb is not None:
+        if self._tensorboard() is not None:
             import numpy as np
 
             self._tb.add_image(name, np.asarray(grid.convert("RGB")), int(step), dataformats="HWC")
@@ -162,6 +240,22 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut ``path`` after its last newline: what follows is a line a killed writer did not finish."""
+    if not path.is_file():
+        return
+    with path.open("r+b") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 # ---------------------------------------------------------------------------------------------- grids
@@ -247,6 +341,42 @@ def make_grid(
             x += cell.width + pad
         y += row_h + pad
     return grid
+
+
+def build_logger(
+    node: Mapping[str, Any], run_dir: str | Path, *, run_config: dict[str, Any], rank: int
+) -> MetricLogger:
+    """The logger of a ``logger`` config node (``_target_`` and its keyword arguments, plain values),
+    with the run's resolved config attached.
+
+    Called directly, not through ``hydra.utils.instantiate``: the run config holds ``_target_``
+    nodes of its own, which instantiate would build.
+    """
+    from hydra.utils import get_method
+
+    kwargs = dict(node)
+    make = get_method(kwargs.pop("_target_", "psr.logging.MetricLogger"))
+    return make(run_dir, run_config=run_config, rank=rank, **kwargs)  # type: ignore[no-any-return]
+
+
+def reward_metrics(scores: Mapping[str, Tensor]) -> dict[str, float]:
+    """``{"reward/<key>": mean over samples where it applies}`` (NaN = does not apply), the std of
+    the combined and of each component score (``reward/score_std``, ``reward/<name>/score_std``),
+    and the fraction of samples where the combined score applies.
+
+    Args:
+        scores: ``[B]`` per key, as a reward returns them (``"score"``, ``"<name>/score"``, ...).
+    """
+    out = {}
+    for k, v in scores.items():
+        v = v.detach().float()
+        ok = ~torch.isnan(v)
+        out[f"reward/{k}"] = float(v[ok].mean()) if bool(ok.any()) else float("nan")
+        if k == "score" or k.endswith("/score"):
+            out[f"reward/{k}_std"] = float(v[ok].std(unbiased=False)) if bool(ok.any()) else float("nan")
+    if "score" in scores:
+        out["reward/applies_frac"] = float((~torch.isnan(scores["score"].float())).float().mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- progress, timing

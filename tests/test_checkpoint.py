@@ -3,10 +3,8 @@ preemption signals."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import stat
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,50 +182,72 @@ def test_resolve_resume(tmp_path: Path) -> None:
         ckpt.resolve_resume(str(tmp_path / "nope"), root)
 
 
+@pytest.mark.parametrize("name", ["state.pt", "trainable.safetensors", "meta.json", "rng/rank_00000.pt"])
+def test_a_truncated_file_is_named_and_resume_auto_falls_back(tmp_path: Path, name: str, capsys) -> None:
+    from psr.resume import load_resume
+
+    engine = _engine()
+    _save(engine, tmp_path, 1)
+    newest = _save(engine, tmp_path, 2)
+    torn = newest / name
+    torn.write_bytes(torn.read_bytes()[: max(1, torn.stat().st_size // 3)])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=rf"step_00000002/{name}: cannot be read"):
+        ckpt.load_checkpoint(newest)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=name):  # named explicitly: an error
+        load_resume(str(newest), tmp_path, "psr-test")
+    assert load_resume("auto", tmp_path, "psr-test")["step"] == 1
+    assert "falling back to the previous complete one" in capsys.readouterr().out
+    (tmp_path / "step_00000001" / "state.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="no checkpoint .* can be read"):
+        load_resume("auto", tmp_path, "psr-test")
+
+
+def test_a_resumed_older_checkpoint_keeps_its_timeline(tmp_path: Path) -> None:
+    """Resumed from step 6 while step 12 exists: step 12 is set aside (not pruned in place of the new
+    ones, not picked by resume=auto / init_from), and keep_last prunes the resumed timeline only."""
+    engine = _engine()
+    six = _save(engine, tmp_path / "run" / "checkpoints", 6)
+    _save(engine, tmp_path / "run" / "checkpoints", 12)
+    root = tmp_path / "run" / "checkpoints"
+    moved = ckpt.set_aside(root, six, "psr-test")
+    assert [p.name.split("-")[-1] for p in moved] == ["step_00000012"] and (moved[0] / "COMPLETE").is_file()
+    assert moved[0].parent == root / "abandoned"
+    _save(engine, root, 8, keep_last=2)
+    _save(engine, root, 10, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000008", "step_00000010"]
+    assert ckpt.find_checkpoint(tmp_path / "run").name == "step_00000010"
+    assert ckpt.resolve_resume("auto", root).name == "step_00000010"
+    assert len(ckpt.set_aside(root, None, "psr-test")) == 2  # a fresh start: every earlier one
+    assert ckpt.list_checkpoints(root) == [] and len(list((root / "abandoned").iterdir())) == 3
+
+
+def test_a_fingerprint_tells_a_checkpoint_saved_again(tmp_path: Path) -> None:
+    engine = _engine()
+    path = _save(engine, tmp_path, 4)
+    pinned = ckpt.checkpoint_fingerprint(path)
+    assert pinned["step"] == 4 and ckpt.check_fingerprint(pinned, "this run") == path.resolve()
+    _step(engine)
+    _save(engine, tmp_path, 4)
+    with pytest.raises(ValueError, match=r"this run was made from .*step_00000004.*has changed"):
+        ckpt.check_fingerprint(pinned, "this run")
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match="no longer exists"):
+        ckpt.check_fingerprint(pinned, "this run")
+
+
+def test_config_changes_split_refused_and_allowed_keys() -> None:
+    from psr.resume import config_changes
+
+    old = {"seed": 0, "train": {"steps": 4, "lora": {"rank": 8}}, "logger": {"name": "jsonl"}}
+    new = {"seed": 0, "train": {"steps": 8, "lora": {"rank": 4}}, "logger": {"name": "wandb"}, "x": 1}
+    refused, allowed = config_changes(old, new)
+    assert refused == ["train.lora.rank: 8 -> 4", "x: '<absent>' -> 1"]
+    assert allowed == ["logger.name: 'jsonl' -> 'wandb'", "train.steps: 4 -> 8"]
+
+
 def test_multi_rank_save_needs_a_barrier(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="barrier"):
         ckpt.save_checkpoint(tmp_path, 1, trainable={}, training_state={}, world_size=2)
-
-
-def test_sigusr1_sets_the_flag_and_handlers_are_restored() -> None:
-    previous = signal.getsignal(signal.SIGUSR1)
-    with ckpt.PreemptionHandler() as handler:
-        assert not handler.triggered and not handler.poll(lambda v: v)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert handler.triggered and handler.signal_name == "SIGUSR1"
-        assert handler.poll(lambda v: v)
-    assert signal.getsignal(signal.SIGUSR1) is previous
-
-
-def test_poll_agrees_when_only_a_peer_was_signalled() -> None:
-    with ckpt.PreemptionHandler(install=False) as handler:
-        assert handler.poll(lambda v: max(v, 1.0))  # what all_reduce_max returns when a peer got SIGTERM
-        assert handler.triggered and handler.signal_name == "SIGTERM"
-    with ckpt.PreemptionHandler(install=False) as handler:
-        handler.signal_name = "SIGTERM"
-        assert handler.poll(lambda v: max(v, 2.0))  # a peer got SIGUSR1: the requeue request wins
-        assert handler.signal_name == "SIGUSR1"
-
-
-def test_exit_requeues_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = tmp_path / "calls"
-    fake = tmp_path / "scontrol"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    handler = ckpt.PreemptionHandler(requeue=True, install=False)
-    handler.signal_name = "SIGTERM"  # scancel, or Slurm's own preemption (which requeues by itself)
-    handler.exit("stopping", rank=0)
-    assert not log.exists()
-    handler.signal_name = "SIGUSR1"  # the sbatch templates' --signal=USR1@120 before the time limit
-    handler.exit("stopping", rank=1)  # only rank 0 requeues
-    assert not log.exists()
-    handler.exit("stopping", rank=0)
-    assert log.read_text().split() == ["requeue", "4242"]
-    fake.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
-    with pytest.raises(RuntimeError, match="--requeue"):
-        handler.exit("stopping", rank=0)
 
 
 def test_env_info_reads_srun_tasks_but_not_the_batch_shell(monkeypatch: pytest.MonkeyPatch) -> None:

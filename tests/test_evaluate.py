@@ -19,12 +19,12 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # The quickstart on 5 synthetic records (2-3 subjects) x 2 samples at 32 px (2x2 target tokens), 3 ODE
 # steps; with another data= override, the default tiny model and colour reward with the same eval keys.
-QUICKSTART = ["experiment=eval_quickstart", "data.num_records=5", "data.image_size=32"]
+QUICKSTART = ["experiment/eval=quickstart", "data.num_records=5", "data.image_size=32"]
 BASE = [
     "eval.resolution=32",
     "eval.num_steps=3",
     "eval.samples_per_prompt=2",
-    "eval.batch_size=2",
+    "eval.records_per_batch=2",
     "eval.grid_records=2",
 ]
 
@@ -90,7 +90,7 @@ def test_scores_are_those_of_the_saved_pngs(first_run):
     """Images are quantized before scoring: the colour reward on the PNGs gives the logged scores."""
     from psr.data.dataset import PromptDataset
     from psr.data.manifest import read_manifest
-    from psr.trainers.common import reward_inputs
+    from rewards.base import RewardInputs
     from rewards.color import ColorReward
 
     run_dir, rows = first_run
@@ -98,7 +98,7 @@ def test_scores_are_those_of_the_saved_pngs(first_run):
         r.id: r for r in PromptDataset(read_manifest(run_dir / "data/manifest.jsonl"), run_dir / "data")
     }
     images = torch.stack([torch.from_numpy(pixels(run_dir, r)).permute(2, 0, 1).float() / 255 for r in rows])
-    scores = ColorReward()(images, reward_inputs([records[r["id"]] for r in rows]))["score"]
+    scores = ColorReward()(images, RewardInputs.from_records([records[r["id"]] for r in rows]))["score"]
     torch.testing.assert_close(scores, torch.tensor([r["scores"]["score"] for r in rows]), rtol=0, atol=1e-6)
 
 
@@ -126,7 +126,7 @@ def test_samples_do_not_depend_on_sharding_or_batching(first_run, tmp_path):
     from psr.evaluate import Evaluator
 
     _, rows = first_run
-    cfg = compose(tmp_path, "eval.batch_size=1")
+    cfg = compose(tmp_path, "eval.records_per_batch=1")
     evaluators = []
     for rank in (1, 0):
         ev = Evaluator(cfg)
@@ -155,9 +155,9 @@ def test_checkpoint_and_lora_change_the_samples(first_run, tmp_path):
     adapter exported in diffusers format and passed as ``lora=`` gives the same samples."""
     from hydra.utils import instantiate
 
+    from psr.checkpoint import save_training_checkpoint
     from psr.engine import TorchEngine
     from psr.models.lora import add_lora
-    from psr.trainers.common import save_training_checkpoint
 
     _, base_rows = first_run
     policy = instantiate(compose(tmp_path).model)
@@ -228,3 +228,35 @@ def test_two_processes_under_torchrun(first_run, tmp_path):
     assert "on 2 rank(s)" in proc.stdout
     assert lines(tmp_path) == rows
     assert not list(tmp_path.glob("scores.rank*.jsonl"))
+
+
+def test_ids_that_differ_only_in_replaced_characters_get_their_own_pngs(first_run, tmp_path):
+    """``x/1``, ``x_1`` and ``x?1`` all sanitize to ``x_1``: each record still gets its own PNGs, every
+    row points to its own file, and a rerun finds them all done (nothing sampled or written again)."""
+    import dataclasses
+
+    from psr.data.manifest import read_manifest, write_manifest
+
+    src, _ = first_run
+    shutil.copytree(src / "data", tmp_path / "data")
+    samples = read_manifest(tmp_path / "data/manifest.jsonl")[:3]
+    ids = ["x/1", "x_1", "x?1"]
+    manifest = write_manifest(
+        tmp_path / "data/collide.jsonl",
+        [dataclasses.replace(s, id=rid) for s, rid in zip(samples, ids, strict=True)],
+    )
+    run_dir = tmp_path / "run"
+    over = ("data=manifest", f"data.manifest={manifest}", "data.heldout=0")
+    rows = evaluate(run_dir, *over)
+    assert [(r["id"], r["sample"]) for r in rows] == [(rid, k) for rid in ids for k in range(2)]
+    assert len({r["image"] for r in rows}) == 6
+    assert len(list((run_dir / "samples").glob("*.png"))) == 6
+    for r in rows:  # each file holds its own sample: the pixels its score was computed on
+        assert pixels(run_dir, r).shape == (32, 32, 3)
+    from psr.evaluate import image_name
+
+    assert image_name("x_1", 0) == "x_1_0.png"  # ids that need no replacing keep their plain names
+    assert image_name("x/1", 0) == image_name("x/1", 0) != image_name("x?1", 0)
+    stamps = {r["image"]: (run_dir / r["image"]).stat().st_mtime_ns for r in rows}
+    assert evaluate(run_dir, *over) == rows  # resume: every sample found done
+    assert {r["image"]: (run_dir / r["image"]).stat().st_mtime_ns for r in rows} == stamps

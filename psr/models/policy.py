@@ -38,6 +38,52 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, c4 // 4, h, w)
 
 
+def stack_conditionings(conds: list[Conditioning]) -> list[tuple[list[int], Conditioning]]:
+    """Group per-sample conditionings that share their token layout into stacked ones.
+
+    Samples whose references give the same position ids (same number and grid sizes) and whose
+    targets have the same size go through the transformer in one forward: their text and reference
+    tensors are concatenated along the batch dimension (``prompt_embeds`` ``[g, L, D]``,
+    ``pooled_prompt_embeds`` ``[g, D]``, ``ref_tokens`` ``[g, R, C]``), which
+    :meth:`FlowPolicy.velocity` accepts as is.
+
+    Returns:
+        ``[(sample indices, stacked conditioning), ...]`` covering every index once, in first-seen order.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(conds):
+        key = (
+            c.height,
+            c.width,
+            tuple(c.text_ids.shape),
+            tuple(c.ref_ids.shape),
+            c.ref_ids.float().cpu().numpy().tobytes(),
+        )
+        groups.setdefault(key, []).append(i)
+    out = []
+    for idx in groups.values():
+        first = conds[idx[0]]
+        out.append(
+            (
+                idx,
+                Conditioning(
+                    prompt_embeds=torch.cat([conds[i].prompt_embeds for i in idx]),
+                    pooled_prompt_embeds=torch.cat([conds[i].pooled_prompt_embeds for i in idx]),
+                    text_ids=first.text_ids,
+                    ref_tokens=torch.cat([conds[i].ref_tokens for i in idx]),
+                    ref_ids=first.ref_ids,
+                    img_ids=first.img_ids,
+                    height=first.height,
+                    width=first.width,
+                    guidance=first.guidance,
+                    num_references=first.num_references,
+                    prompt=first.prompt,
+                ),
+            )
+        )
+    return out
+
+
 class FlowPolicy(nn.Module):
     """The multi-reference flow model. Only the transformer (or its LoRA) is ever trained."""
 
@@ -218,7 +264,8 @@ class FlowPolicy(nn.Module):
         """Everything needed to denoise a ``height x width`` target for one prompt group."""
         if height % self.multiple or width % self.multiple:
             raise ValueError(
-                f"target size {height}x{width} must be a multiple of {self.multiple} (data.resolution)"
+                f"target size {height}x{width} must be a multiple of {self.multiple} "
+                "(train.resolution, dataset.resolution or eval.resolution)"
             )
         embeds, pooled, text_ids = self.encode_prompt(prompt)
         ref_tokens, ref_ids = self.encode_references(references, height, width)
@@ -275,11 +322,12 @@ class FlowPolicy(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
         return self.velocity(x, sigma, cond)
 
-    # ------------------------------------------------------------------ LoRA reference policy
+    # ------------------------------------------------------------------ reference policy
     @contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        """The reference policy (for KL and DPO): the same network with its LoRA adapters switched
-        off, or, for full fine-tuning, the frozen copy made by :meth:`keep_reference_copy`."""
+    def reference_policy(self) -> Iterator[None]:
+        """Within the block, this policy is the reference policy (for KL and DPO): the same network
+        with its LoRA adapters switched off, or, for full fine-tuning, the frozen copy made by
+        :meth:`keep_reference_copy`."""
         reference = self.__dict__.get("_reference")
         if reference is not None:
             live = self.transformer

@@ -1,4 +1,4 @@
-"""RoPE position ids for a target and N reference images (PSR_METHOD.md §2).
+"""RoPE position ids for a target and N reference images (docs/method.md §2).
 
 FLUX packs a latent of ``h x w`` (after 2x2 patching) into ``h*w`` tokens with 3-axis ids
 ``(index, row, col)``. The target always has index 0 and rows/cols from 0. Schemes for references:

@@ -11,47 +11,56 @@ One step, top to bottom (:meth:`RLTrainer.train`):
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
-from psr import checkpoint as ckpt
-from psr.data.dataset import PromptRecord
-from psr.distributed import split_evenly
-from psr.objectives.advantages import combine_rewards, group_advantages
-from psr.objectives.rl import DPOObjective, GRPOObjective, merge_metrics
-from psr.sampling.sampler import rollout
-from psr.trainers import common
+from psr.checkpoint import checkpoint_or_stop, load_initial_weights, save_training_checkpoint
+from psr.config import OptimSettings, RLTrainSettings, SamplerSettings, check_schedule, settings
+from psr.data.dataset import BatchStream, PromptDataset, PromptRecord
+from psr.data.sources import load_records
+from psr.distributed import gather_scores, split_evenly
+from psr.logging import MetricLogger, StepTimer, build_logger, make_grid, progress, reward_metrics
+from psr.models.lora import make_trainable
+from psr.objectives.accumulate import merge_metrics
+from psr.objectives.advantages import component_weights, reward_components
+from psr.objectives.protocol import ANOTHER_RANK, Objective, StepRewards, UpdateResult
+from psr.preemption import PreemptionHandler
+from psr.resume import finish_resume, load_resume, pin_init_from
+from psr.runlock import lock_run_dir
+from psr.sampling.rollout import rollout
+from psr.seeding import derive_seed, seed_everything
+from psr.trainers import resolve_run_dir, run_trainer
 from psr.types import Trajectory
+from rewards.base import RewardInputs, build_reward
 
 
 class NonFiniteError(RuntimeError):
     """Raised after ``train.max_nonfinite`` updates were skipped for a non-finite loss or log-prob."""
 
 
-def _merge_over_ranks(loss: float, metrics: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """The loss and objective metrics of the whole step: means over ranks (``*_min`` / ``*_max``:
-    min / max), each over the ranks that report it (a rank whose groups all had zero variance
-    reports none)."""
+def _merge_over_ranks(result: UpdateResult) -> UpdateResult:
+    """The objective's report for the whole step: each metric's mean over ranks (``*_min`` /
+    ``*_max``: min / max), over the ranks that report it (a rank whose groups all had zero variance
+    reports none); the place of a non-finite value from a rank that saw one."""
     from psr.distributed import all_gather_object
 
-    parts = all_gather_object((loss, metrics))
+    parts: list[UpdateResult] = all_gather_object(result)
     if len(parts) == 1:
-        return loss, metrics
+        return result
     values: dict[str, list[float]] = {}
-    for _, m in parts:
-        for key, v in m.items():
-            if key != "nonfinite_where":
-                values.setdefault(key, []).append(v)
-    out: dict[str, Any] = merge_metrics(values)
-    where = [m["nonfinite_where"] for _, m in parts if "nonfinite_where" in m]
-    if where:
-        out["nonfinite_where"] = where[0]
-    return sum(p[0] for p in parts) / len(parts), out
+    for part in parts:
+        for key, v in part.metrics.items():
+            values.setdefault(key, []).append(v)
+    places = [p.nonfinite_where for p in parts if p.nonfinite_where is not None]
+    seen_here = [w for w in places if w != ANOTHER_RANK]
+    where = (seen_here or places)[0] if places else None
+    return UpdateResult(merge_metrics(values), where)
 
 
 class RLTrainer:
@@ -59,72 +68,116 @@ class RLTrainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.run_dir = common.resolve_run_dir(cfg)
         self.seed = int(cfg.seed)
-        t = cfg.train
-        self.total_steps = int(t.steps)
-        self.prompts_per_step = int(t.prompts_per_step)
-        self.group_size = int(t.group_size)
-        self.resolution = int(t.resolution)
-        self.max_nonfinite = int(t.max_nonfinite)
-        self.eval_every, self.grid_every = int(t.eval_every), int(t.grid_every)
-        self.checkpoint_every, self.keep_last = int(t.checkpoint_every), int(t.keep_last)
-        self.sampler_kwargs = dict(
-            num_steps=int(cfg.sampler.num_steps),
-            kind=str(cfg.sampler.kind),
-            noise_level=float(cfg.sampler.noise_level),
-            sde_window=tuple(cfg.sampler.sde_window) if cfg.sampler.sde_window is not None else None,
-            same_noise=bool(cfg.sampler.same_noise),
-        )
+        # the typed sections (psr.schema): a value of the wrong type or out of range fails here,
+        # before anything is built, naming its key
+        self.train_settings = t = settings(cfg.train, RLTrainSettings, "train")
+        self.sampling = settings(cfg.sampler, SamplerSettings, "sampler")
+        self.optim = settings(cfg.optim, OptimSettings, "optim")
+        check_schedule(self.optim, t.steps)
+        self.total_steps = t.steps
+        self.prompts_per_step = t.prompts_per_step
+        self.group_size = t.group_size
+        self.resolution = t.resolution
+        self.micro_batch_size = t.micro_batch_size
+        self.max_nonfinite = t.max_nonfinite
+        self.eval_every, self.grid_every = t.eval_every, t.grid_every
+        self.checkpoint_every, self.keep_last = t.checkpoint_every, t.keep_last
+        self.eval_prompts, self.export_lora = t.eval_prompts, t.export_lora
+        self.sampler_kwargs = dataclasses.asdict(self.sampling)  # rollout's keyword arguments
         self.step = 0
         self.nonfinite = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.engine = common.build_engine(cfg)
-        common.seed_everything(self.seed, self.engine.rank)
-        algo = cfg.algo
-        needs_reference = algo.name == "dpo" or float(algo.get("beta", 0.0)) > 0
-        self.policy, params = common.build_policy(cfg, self.engine.device, reference=needs_reference)
-        self.engine.setup(self.policy.transformer, params, **common.optim_kwargs(cfg, self.total_steps))
-        reward_device = cfg.get("reward_device") or self.engine.device
-        self.reward = common.build_reward(cfg, reward_device)
-        self.objective = self._build_objective(cfg.algo)
-        self.records, self.heldout = common.build_prompt_records(cfg, self.run_dir)
-        self.sampler = common.group_sampler(self.records, self.prompts_per_step, self.engine, self.seed)
-        self.logger = common.build_logger(cfg, self.run_dir, self.engine.rank)
-        self.timer = common.StepTimer()
-        self.preemption = ckpt.PreemptionHandler(requeue=bool(cfg.get("requeue_on_preemption", True)))
+        self.run_dir = resolve_run_dir(cfg.run_dir)
+        self.engine = instantiate(cfg.engine)  # device, rank and precision everything below is built for
+        self.run_lock = lock_run_dir(self.run_dir, "psr-rl", rank=self.engine.rank)  # before any write there
+        seed_everything(self.seed, self.engine.rank)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._resume(cfg.resume)
+        # read before the model is built: a resumed checkpoint fixes the init_from checkpoint it starts from
+        self.resumed = load_resume(cfg.resume, self.ckpt_root, "psr-rl", self.engine.rank)
+        self.objective = self._build_objective(cfg.algo)
+        self.policy, params = self._setup_policy(cfg.model, cfg.init_from)
+        self._setup_engine(params)
+        self.reward = build_reward(cfg.reward, cfg.reward_device or self.engine.device)
+        self._setup_data(cfg.data)
+        self.logger = self._setup_logger(cfg)
+        self.timer = StepTimer()
+        self.preemption = PreemptionHandler(requeue=bool(cfg.requeue_on_preemption))
+        self._resume(cfg)
+        self.logger.resume_at(self.step)  # drop what a killed run logged after its checkpoint
 
-    def _build_objective(self, algo: DictConfig) -> GRPOObjective | DPOObjective:
-        kwargs: dict[str, Any] = OmegaConf.to_container(algo, resolve=True)  # type: ignore[assignment]
-        name = kwargs.pop("name")
-        micro = int(self.cfg.train.micro_batch)
-        epochs = int(self.cfg.train.inner_epochs)
-        if name == "grpo":
-            return GRPOObjective(**kwargs, micro_batch=micro, inner_epochs=epochs)
-        if name == "dpo":
-            return DPOObjective(**kwargs, micro_batch=micro, inner_epochs=epochs)
-        raise ValueError(f"algo.name={name!r}; expected grpo or dpo")
+    def _setup_policy(self, cfg_model: DictConfig, init_from: str | None) -> tuple[Any, list[nn.Parameter]]:
+        """The model on the engine's device and its trainable parameters (``train.mode``, ``train.lora``);
+        under full fine-tuning, a frozen copy for an objective that needs the reference policy."""
+        policy = instantiate(cfg_model, device=str(self.engine.device))
+        if init_from:
+            # before adapters and engine: the base weights of fresh and resumed runs alike, and the
+            # reference policy; recorded in this run's checkpoints, as a LoRA here is a delta on top of it
+            path, pinned = pin_init_from(str(init_from), self.resumed)
+            policy.init_from = str(load_initial_weights(policy, path, fingerprint=pinned))
+            policy.init_from_fingerprint = pinned
+        lora = dataclasses.asdict(self.train_settings.lora)
+        keep_reference = self.objective.needs_reference
+        mode = self.train_settings.mode
+        return policy, make_trainable(policy, mode, **lora, keep_reference=keep_reference)
 
-    def _resume(self, resume: str | None) -> None:
-        state = common.resume_state(resume, self.ckpt_root, self.policy, self.engine, "psr-rl")
+    def _setup_engine(self, params: list[nn.Parameter]) -> None:
+        """The transformer, its trainable parameters and the ``optim`` settings go to the engine."""
+        self.engine.setup(
+            self.policy.transformer,
+            params,
+            **dataclasses.asdict(self.optim),
+            total_steps=self.total_steps,
+            grad_accum=1,  # one engine.step() per inner epoch; the objective accumulates inside it
+            micro_batch_size=self.micro_batch_size,
+        )
+
+    def _setup_data(self, cfg_data: DictConfig) -> None:
+        """Training prompts (loaded on access), held-out ones (loaded now), this rank's batch stream."""
+        train, heldout, root = load_records(cfg_data, self.run_dir)  # the source data._target_ names
+        self.records, held = PromptDataset(train, root), PromptDataset(heldout, root)
+        self.heldout = [held[i] for i in range(len(held))]
+        self.batches = BatchStream(
+            len(self.records),
+            prompts_per_step=self.prompts_per_step,
+            rank=self.engine.rank,
+            world_size=self.engine.world_size,
+            seed=self.seed,
+            dataset=self.records,  # type: ignore[arg-type]  # indexable with len(): all BatchStream uses
+        )
+
+    def _setup_logger(self, cfg: DictConfig) -> MetricLogger:
+        run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        return build_logger(run_config["logger"], self.run_dir, run_config=run_config, rank=self.engine.rank)
+
+    def _build_objective(self, algo: DictConfig) -> Objective:
+        """``algo`` (its ``_target_``) with the batch settings of ``train``."""
+        return instantiate(
+            algo,
+            micro_batch_size=self.train_settings.micro_batch_size,
+            inner_epochs=self.train_settings.inner_epochs,
+        )
+
+    def _resume(self, cfg: DictConfig) -> None:
+        """Restore the checkpoint :func:`~psr.resume.load_resume` read (after checking this start's config
+        against the first start's), or record this config as the first start's."""
+        config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        state = finish_resume(self.resumed, self.engine, self.run_dir, self.ckpt_root, config, "psr-rl")
+        self.resumed = None  # the CPU copy of the checkpoint is no longer needed
         if state is not None:
             self.step = int(state["step"])
             self.nonfinite = int(state.get("nonfinite", 0))
-            self.sampler.load_state_dict(state["data"])
+            self.batches.load_state_dict(state["data"])
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        bar = common.progress(
-            range(self.step, self.total_steps), "psr-rl", self.engine.rank, initial=self.step
-        )
+        bar = progress(range(self.step, self.total_steps), "psr-rl", self.engine.rank, initial=self.step)
         for step in bar:
             self.step = step
-            records = self.sampler.next_batch()
+            records = self.batches.next_batch()
             with self.timer("rollout"):
                 trajs = self.rollout(records, step)
             with self.timer("reward"):
@@ -139,14 +192,8 @@ class RLTrainer:
                 self.log_grid(trajs, records, scores["score"], "train/grid")
             if self.eval_every and self.step % self.eval_every == 0:
                 self.evaluate()
-            if common.checkpoint_or_stop(
-                "psr-rl",
-                self.step,
-                self.total_steps,
-                self.checkpoint_every,
-                self.preemption,
-                self.save_checkpoint,
-            ):
+            due = self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+            if checkpoint_or_stop("psr-rl", self.step, due, self.preemption, self.save_checkpoint):
                 return
 
     def rollout(
@@ -166,7 +213,7 @@ class RLTrainer:
                 gid = first_group + i
                 cond = self.policy.condition(rec.prompt, rec.references, self.resolution, self.resolution)
                 gen = torch.Generator(self.engine.device).manual_seed(
-                    common.derive_seed(self.seed, step, gid)
+                    derive_seed(self.seed, "rollout", step, gid)
                 )
                 with self.engine.autocast():
                     trajs.append(
@@ -178,66 +225,37 @@ class RLTrainer:
     def score(self, trajs: list[Trajectory], records: list[PromptRecord]) -> dict[str, Tensor]:
         """The reward on every image of the step in one batched call; ``[P*G]`` per key."""
         images = torch.cat([t.images for t in trajs])
-        inputs = common.reward_inputs([r for r in records for _ in range(self.group_size)])
+        inputs = RewardInputs.from_records([r for r in records for _ in range(self.group_size)])
         out = self.reward(images, inputs)
         return {k: v.float().to(images.device) for k, v in out.items()}
 
     def update(self, trajs: list[Trajectory], scores: dict[str, Tensor]) -> dict[str, float]:
-        """Advantages (or pairs) and the objective's update. Rewards of every rank are gathered, so
-        the advantages and the logged statistics are those of the whole step's batch."""
+        """The objective's update on the step's rewards. Rewards of every rank are gathered (in rank
+        order), so the objective's statistics (GRPO's advantages) and the logged reward statistics
+        are those of the whole step's batch."""
         gather = self.engine.all_gather_tensor
         local_ids = torch.cat([t.group_ids for t in trajs])
         group_ids = gather(local_ids)
         scores = {k: gather(v) for k, v in scores.items()}
-        mine = torch.isin(group_ids, local_ids)  # this rank's samples in the gathered order
-        metrics = common.reward_metrics(scores)
-        components = common.reward_components(scores)
-        rewards = (
-            combine_rewards(
-                components,
-                common.component_weights(self.reward, components),
-                group_ids,
-                normalize_per_reward=bool(self.cfg.advantage.normalize_per_reward),
-            )
-            if len(components) > 1
-            else scores["score"]
+        components = reward_components(scores)
+        rewards = StepRewards(
+            scores=scores["score"],  # combined once, by the reward (rewards.base.weighted_score)
+            group_ids=group_ids,
+            is_local=torch.isin(group_ids, local_ids),  # this rank's samples in the gathered order
+            components=components,
+            weights=component_weights(self.reward, components),
         )
-        # NaN: no reward applies to the sample (e.g. a spatial reward for a prompt without a relation):
-        # it gets advantage 0 and no DPO pair, and does not enter any group statistic
-        valid = ~torch.isnan(rewards)
-        seed = common.derive_seed(self.seed, self.step)
-        sizes = [t.batch_size for t in trajs]
-        if isinstance(self.objective, GRPOObjective):
-            adv_cfg = self.cfg.advantage
-            advantages = torch.zeros_like(rewards)
-            if bool(valid.any()):
-                advantages[valid], adv_metrics = group_advantages(
-                    rewards[valid],
-                    group_ids[valid],
-                    global_std=bool(adv_cfg.global_std),
-                    eps=float(adv_cfg.eps),
-                    clip=float(adv_cfg.clip),
-                )
-                metrics.update(adv_metrics)
-            self.policy.train()
-            loss, obj_metrics = self.objective.update(
-                self.policy, self.engine, trajs, list(advantages[mine].split(sizes)), seed=seed
-            )
-        else:
-            self.policy.train()
-            loss, obj_metrics = self.objective.update(
-                self.policy, self.engine, trajs, list(rewards[mine].split(sizes)), seed=seed
-            )
-        loss, obj_metrics = _merge_over_ranks(loss, obj_metrics)
-        metrics.update(obj_metrics)
-        if not math.isfinite(loss):
+        self.policy.train()
+        seed = derive_seed(self.seed, "objective", self.step)
+        result = _merge_over_ranks(self.objective.update(self.policy, self.engine, trajs, rewards, seed))
+        metrics = {**reward_metrics(scores), **result.metrics}
+        if result.nonfinite_where is not None:
             self.nonfinite += 1
             metrics["train/nonfinite_skipped"] = float(self.nonfinite)
             if self.nonfinite >= self.max_nonfinite:
                 raise NonFiniteError(
                     f"psr-rl: {self.nonfinite} updates skipped for a non-finite loss or log-prob (last at step "
-                    f"{self.step}, {obj_metrics.get('nonfinite_where', 'unknown place')}); "
-                    f"lower optim.lr or raise train.max_nonfinite"
+                    f"{self.step}, {result.nonfinite_where}); lower optim.lr or raise train.max_nonfinite"
                 )
         return metrics
 
@@ -252,14 +270,14 @@ class RLTrainer:
         """
         if not self.heldout:
             return {}
-        records = self.heldout[: int(self.cfg.train.eval_prompts)]
+        records = self.heldout[: self.eval_prompts]
         share, _ = split_evenly(len(records), self.engine.rank, self.engine.world_size)
         mine = records[share.start : share.stop]  # may be empty: fewer prompts than ranks
         with self.engine.ema_swap():  # the EMA weights when the engine keeps an EMA
-            trajs = self.rollout(mine, step=-1, first_group=share.start, kind="ode")
+            trajs = self.rollout(mine, step=-1, first_group=share.start, method="ode")
         local = self.score(trajs, mine) if mine else {}
-        scores = common.gather_scores(self.engine, local)
-        metrics = {k.replace("reward/", "eval/reward/"): v for k, v in common.reward_metrics(scores).items()}
+        scores = gather_scores(local, self.engine.device)
+        metrics = {k.replace("reward/", "eval/reward/"): v for k, v in reward_metrics(scores).items()}
         self.logger.log(metrics, step=self.step)
         if mine:
             self.log_grid(trajs, mine, local["score"], "eval/grid")
@@ -276,26 +294,27 @@ class RLTrainer:
             captions.append(
                 [f"ref {k + 1}" for k in range(len(rec.references))] + [f"{v:.3f}" for v in s.tolist()]
             )
-        self.logger.log_images(name, common.make_grid(rows, captions), step=self.step)
+        self.logger.log_images(name, make_grid(rows, captions), step=self.step)
 
     def save_checkpoint(self) -> Path:
-        return common.save_training_checkpoint(
+        return save_training_checkpoint(
             self.ckpt_root,
             self.step,
             self.policy,
             self.engine,
-            data_state=self.sampler.state_dict(),
+            data_state=self.batches.state_dict(),
             extra={"nonfinite": self.nonfinite},
             keep_last=self.keep_last,
-            export_lora=bool(self.cfg.train.export_lora),
+            export_lora=self.export_lora,
         )
 
     def cleanup(self) -> None:
         self.preemption.uninstall()
         self.logger.close()
         self.engine.cleanup()
+        self.run_lock.release()  # last: the run's checkpoints and logs are complete
 
 
 def main(cfg: DictConfig) -> None:
     """Entry point of ``psr-rl`` (see :mod:`psr.cli`)."""
-    common.run_trainer(RLTrainer(cfg), "psr-rl")
+    run_trainer(RLTrainer(cfg), "psr-rl")

@@ -1,11 +1,12 @@
-"""``psr-sft``: multi-reference supervised fine-tuning with the flow-matching loss (PSR_METHOD.md §1-2).
+"""``psr-sft``: multi-reference supervised fine-tuning with the flow-matching loss (docs/method.md §1-2).
 
 One step, top to bottom (:meth:`SFTTrainer.train`):
   1. ``train.grad_accum`` micro-batches of same-bucket records from the data loader, each record
      drawn with its number and order of references (:mod:`psr.data.dataset`);
   2. per micro-batch: clean target latents, the conditioning of every record (text, clean reference
-     tokens with frame-wise ids), noise levels and noise from a generator keyed by (seed, step, rank,
-     micro-batch), and the flow-matching loss on the target tokens (:mod:`psr.objectives.flow_matching`);
+     tokens with frame-wise ids), noise levels and noise from a generator keyed by (seed, step, the
+     micro-batch's index in the global batch), and the flow-matching loss on the target tokens
+     (:mod:`psr.objectives.flow_matching`);
   3. ``engine.step()``: gradient clipping, optimizer, LR schedule, EMA;
   4. telemetry, validation (ODE samples of held-out records, rewards, an image grid), checkpoint
      with a diffusers-format LoRA next to it; a preemption signal saves and exits.
@@ -16,66 +17,40 @@ a killed and resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
-from torch import Tensor
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
-from psr import checkpoint as ckpt
-from psr.data.dataset import BucketBatchSampler, SFTDataset, collate_sft, derive_seed, position_after
-from psr.distributed import split_evenly
-from psr.trainers import common
-from psr.trainers.common import load_initial_weights
-from psr.types import Batch, Conditioning
+from psr.checkpoint import checkpoint_or_stop, load_initial_weights, save_training_checkpoint
+from psr.config import (
+    DatasetSettings,
+    LoaderSettings,
+    OptimSettings,
+    SFTTrainSettings,
+    ValidationSettings,
+    check_schedule,
+    settings,
+)
+from psr.data.dataset import BucketBatchSampler, SFTDataset, collate_sft, position_after
+from psr.data.sources import load_records
+from psr.distributed import gather_scores, split_evenly
+from psr.logging import MetricLogger, StepTimer, build_logger, make_grid, progress, reward_metrics
+from psr.models.lora import make_trainable
+from psr.models.policy import stack_conditionings
+from psr.preemption import PreemptionHandler
+from psr.resume import finish_resume, load_resume, pin_init_from
+from psr.runlock import lock_run_dir
+from psr.seeding import derive_seed, seed_everything
+from psr.trainers import resolve_run_dir, run_trainer
+from psr.types import Batch
+from rewards.base import RewardInputs, build_reward
 
-__all__ = ["SFTTrainer", "main", "load_initial_weights", "stack_conditionings"]
-
-
-def stack_conditionings(conds: list[Conditioning]) -> list[tuple[list[int], Conditioning]]:
-    """Group per-sample conditionings that share their token layout into stacked ones.
-
-    Samples whose references give the same position ids (same number and grid sizes) and whose
-    targets have the same size go through the transformer in one forward: their text and reference
-    tensors are concatenated along the batch dimension (``prompt_embeds`` ``[g, L, D]``,
-    ``pooled_prompt_embeds`` ``[g, D]``, ``ref_tokens`` ``[g, R, C]``), which
-    :meth:`~psr.models.policy.FlowPolicy.velocity` accepts as is.
-
-    Returns:
-        ``[(sample indices, stacked conditioning), ...]`` covering every index once, in first-seen order.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i, c in enumerate(conds):
-        key = (
-            c.height,
-            c.width,
-            tuple(c.text_ids.shape),
-            tuple(c.ref_ids.shape),
-            c.ref_ids.float().cpu().numpy().tobytes(),
-        )
-        groups.setdefault(key, []).append(i)
-    out = []
-    for idx in groups.values():
-        first = conds[idx[0]]
-        out.append(
-            (
-                idx,
-                Conditioning(
-                    prompt_embeds=torch.cat([conds[i].prompt_embeds for i in idx]),
-                    pooled_prompt_embeds=torch.cat([conds[i].pooled_prompt_embeds for i in idx]),
-                    text_ids=first.text_ids,
-                    ref_tokens=torch.cat([conds[i].ref_tokens for i in idx]),
-                    ref_ids=first.ref_ids,
-                    img_ids=first.img_ids,
-                    height=first.height,
-                    width=first.width,
-                    guidance=first.guidance,
-                    num_references=first.num_references,
-                    prompt=first.prompt,
-                ),
-            )
-        )
-    return out
+__all__ = ["SFTTrainer", "main"]
 
 
 class SFTTrainer:
@@ -84,80 +59,129 @@ class SFTTrainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.seed = int(cfg.seed)
-        t = cfg.train
-        self.total_steps = int(t.steps)
-        self.batch_size = int(t.batch_size)
-        self.grad_accum = int(t.grad_accum)
-        self.log_every = int(t.log_every)
-        self.checkpoint_every, self.keep_last = int(t.checkpoint_every), int(t.keep_last)
-        self.export_lora = bool(t.export_lora)  # LoRA runs only: save_training_checkpoint skips it for full
-        v = cfg.validation
-        self.val_every, self.val_records, self.val_steps = int(v.every), int(v.records), int(v.num_steps)
-        if self.total_steps < 1 or self.grad_accum < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(
-                "train.steps, train.grad_accum, train.checkpoint_every and train.log_every must be >= 1"
-            )
+        # the typed sections (psr.schema): a value of the wrong type or out of range fails here,
+        # before anything is built, naming its key
+        self.train_settings = t = settings(cfg.train, SFTTrainSettings, "train")
+        self.dataset_settings = settings(cfg.dataset, DatasetSettings, "dataset")
+        self.loader = settings(cfg.loader, LoaderSettings, "loader")
+        self.optim = settings(cfg.optim, OptimSettings, "optim")
+        check_schedule(self.optim, t.steps)
+        v = settings(cfg.validation, ValidationSettings, "validation")
+        self.total_steps = t.steps
+        self.micro_batch_size = t.micro_batch_size
+        self.grad_accum = t.grad_accum
+        self.log_every = t.log_every
+        self.checkpoint_every, self.keep_last = t.checkpoint_every, t.keep_last
+        self.export_lora = t.export_lora  # LoRA runs only: save_training_checkpoint skips it for full
+        self.val_every, self.val_records, self.val_steps = v.every, v.records, v.num_steps
         self.step = 0
         self.data_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from hydra.utils import instantiate
-
         cfg = self.cfg
-        self.run_dir = common.resolve_run_dir(cfg)
-        self.engine = common.build_engine(cfg)
-        common.seed_everything(self.seed, self.engine.rank)
-        self.policy, params = common.build_policy(cfg, self.engine.device)
-        self.engine.setup(self.policy.transformer, params, **common.optim_kwargs(cfg, self.total_steps))
+        self.run_dir = resolve_run_dir(cfg.run_dir)
+        self.engine = instantiate(cfg.engine)  # device, rank and precision everything below is built for
+        self.run_lock = lock_run_dir(self.run_dir, "psr-sft", rank=self.engine.rank)  # before any write there
+        seed_everything(self.seed, self.engine.rank)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # read before the model is built: a resumed checkpoint fixes the init_from checkpoint it starts from
+        self.resumed = load_resume(cfg.resume, self.ckpt_root, "psr-sft", self.engine.rank)
+        self.policy, params = self._setup_policy(cfg.model, cfg.init_from)
+        self._setup_engine(params)
         self.objective = instantiate(cfg.objective)
-        train, heldout, root = common.load_records(cfg.data, self.run_dir)
-        self.dataset = SFTDataset(train, root, **common.to_plain(cfg.dataset))
-        # validation: every subject's reference in the record's order, same buckets
-        val_kw = {
-            **common.to_plain(cfg.dataset),
-            "num_references": (),
-            "num_references_probs": (),
-            "shuffle_references": False,
-            "reference_dropout": 0.0,
-        }
-        self.val_dataset = SFTDataset(heldout[: self.val_records], root, **val_kw)
-        self.sampler = BucketBatchSampler(
-            self.dataset.bucket_of,
-            self.batch_size,
-            seed=self.seed,
-            rank=self.engine.rank,
-            world_size=self.engine.world_size,
+        self._setup_data(cfg.data)
+        self.reward = self._setup_reward(cfg.validation.reward)
+        self.logger = self._setup_logger(cfg)
+        self.timer = StepTimer()
+        self.preemption = PreemptionHandler(requeue=bool(cfg.requeue_on_preemption))
+        self._resume(cfg)
+        self.logger.resume_at(self.step)  # drop what a killed run logged after its checkpoint
+        self.batches = iter(self._data_loader())  # after _resume: from the restored position
+
+    def _setup_policy(self, cfg_model: DictConfig, init_from: str | None) -> tuple[Any, list[nn.Parameter]]:
+        """The model on the engine's device and its trainable parameters (``train.mode``, ``train.lora``)."""
+        policy = instantiate(cfg_model, device=str(self.engine.device))
+        if init_from:
+            # before adapters and engine: the base weights of fresh and resumed runs alike; recorded in
+            # this run's checkpoints, as a LoRA here is a delta on top of that model
+            path, pinned = pin_init_from(str(init_from), self.resumed)
+            policy.init_from = str(load_initial_weights(policy, path, fingerprint=pinned))
+            policy.init_from_fingerprint = pinned
+        lora = dataclasses.asdict(self.train_settings.lora)
+        return policy, make_trainable(policy, self.train_settings.mode, **lora)
+
+    def _setup_engine(self, params: list[nn.Parameter]) -> None:
+        """The transformer, its trainable parameters and the ``optim`` settings go to the engine."""
+        self.engine.setup(
+            self.policy.transformer,
+            params,
+            **dataclasses.asdict(self.optim),
+            total_steps=self.total_steps,
+            grad_accum=self.grad_accum,
+            micro_batch_size=self.micro_batch_size,
         )
+
+    def _setup_data(self, cfg_data: DictConfig) -> None:
+        train, heldout, root = load_records(cfg_data, self.run_dir)  # the source data._target_ names
+        dataset = dataclasses.asdict(self.dataset_settings)
+        self.dataset = SFTDataset(train, root, **dataset)
+        # validation: every subject's reference in the record's order, same buckets
+        fixed = dict(
+            num_references=(), num_references_probs=(), shuffle_references=False, reference_dropout=0.0
+        )
+        self.val_dataset = SFTDataset(heldout[: self.val_records], root, **{**dataset, **fixed})
         if self.val_every and len(self.val_dataset) == 0:
             raise ValueError(
                 f"validation.every={self.val_every} but there are no held-out records: set data.heldout and "
                 "validation.records > 0, or validation.every=0"
             )
-        self.reward = None
-        if self.val_every and cfg.validation.reward:
-            self.reward = common.build_reward(cfg.validation.reward, self.engine.device)
-        self.logger = common.build_logger(cfg, self.run_dir, self.engine.rank)
-        self.timer = common.StepTimer()
-        self.preemption = ckpt.PreemptionHandler(requeue=bool(cfg.get("requeue_on_preemption", True)))
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self._resume(cfg.resume)
-        self.batches = iter(common.data_loader(self.dataset, self.sampler, collate_sft, cfg.loader))
+        self.batch_sampler = BucketBatchSampler(
+            self.dataset.bucket_of,
+            self.micro_batch_size,
+            seed=self.seed,
+            rank=self.engine.rank,
+            world_size=self.engine.world_size,
+        )
 
-    def _resume(self, resume: str | None) -> None:
-        state = common.resume_state(resume, self.ckpt_root, self.policy, self.engine, "psr-sft")
+    def _data_loader(self) -> torch.utils.data.DataLoader:
+        workers = self.loader.num_workers
+        prefetch = (
+            dict(prefetch_factor=self.loader.prefetch_factor, persistent_workers=True) if workers else {}
+        )
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler,
+            num_workers=workers,
+            collate_fn=collate_sft,
+            pin_memory=self.loader.pin_memory and torch.cuda.is_available(),
+            **prefetch,  # type: ignore[arg-type]
+        )
+
+    def _setup_reward(self, cfg_reward: DictConfig | None) -> Any:
+        """The validation reward (``validation.reward``), or None: loss and grid only."""
+        return build_reward(cfg_reward, self.engine.device) if self.val_every and cfg_reward else None
+
+    def _setup_logger(self, cfg: DictConfig) -> MetricLogger:
+        run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        return build_logger(run_config["logger"], self.run_dir, run_config=run_config, rank=self.engine.rank)
+
+    def _resume(self, cfg: DictConfig) -> None:
+        """Restore the checkpoint :func:`~psr.resume.load_resume` read (after checking this start's config
+        against the first start's), or record this config as the first start's."""
+        config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        state = finish_resume(self.resumed, self.engine, self.run_dir, self.ckpt_root, config, "psr-sft")
+        self.resumed = None  # the CPU copy of the checkpoint is no longer needed
         if state is not None:
             self.step = int(state["step"])
             self.data_state = state["data"]
-            self.sampler.load_state_dict(state["data"])
+            self.batch_sampler.load_state_dict(state["data"])
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         if self.val_every and self.step == 0:
             self.validate()  # the starting point of the validation curves
-        bar = common.progress(
-            range(self.step, self.total_steps), "psr-sft", self.engine.rank, initial=self.step
-        )
+        bar = progress(range(self.step, self.total_steps), "psr-sft", self.engine.rank, initial=self.step)
         for step in bar:
             with self.timer("data"):
                 batches = [next(self.batches) for _ in range(self.grad_accum)]
@@ -170,14 +194,8 @@ class SFTTrainer:
                 self.logger.log(metrics, step=self.step)
             if self.val_every and self.step % self.val_every == 0:
                 self.validate()
-            if common.checkpoint_or_stop(
-                "psr-sft",
-                self.step,
-                self.total_steps,
-                self.checkpoint_every,
-                self.preemption,
-                self.save_checkpoint,
-            ):
+            due = self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+            if checkpoint_or_stop("psr-sft", self.step, due, self.preemption, self.save_checkpoint):
                 return
 
     def train_step(self, batches: list[Batch], step: int) -> dict[str, float]:
@@ -185,8 +203,11 @@ class SFTTrainer:
         self.policy.train()  # the transformer only: FlowPolicy.train keeps the frozen encoders in eval
         losses, sigmas = [], []
         for i, batch in enumerate(batches):
+            # keyed by the micro-batch's index in the global batch (rank r holds r * grad_accum + i), so
+            # 2 ranks x 1 micro-batch draw the noise 1 rank x 2 micro-batches of accumulation draws
+            micro = self.engine.rank * self.grad_accum + i
             gen = torch.Generator(self.engine.device).manual_seed(
-                derive_seed(self.seed, step, self.engine.rank, i)
+                derive_seed(self.seed, "sft_noise", step, micro)
             )
             with self.engine.autocast():
                 loss, parts = self.batch_loss(batch, gen)
@@ -201,8 +222,11 @@ class SFTTrainer:
             "train/grad_norm": out["grad_norm"],
             "train/lr": out["lr"],
             "train/skipped": out["skipped"],
-            "train/sigma_mean": float(torch.cat(sigmas).mean()),
-            "train/num_references": sum(refs) / len(refs),
+            # means over every rank's samples (equal counts per rank), not rank 0's alone
+            "train/sigma_mean": float(self.engine.all_reduce_mean(torch.cat(sigmas).mean())),
+            "train/num_references": float(
+                self.engine.all_reduce_mean(torch.tensor(sum(refs) / len(refs), dtype=torch.float64))
+            ),
         }
 
     def batch_loss(self, batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -238,7 +262,7 @@ class SFTTrainer:
         """
         if len(self.val_dataset) == 0:
             return {}
-        from psr.sampling.sampler import rollout
+        from psr.sampling.rollout import rollout
 
         self.policy.eval()
         device = self.engine.device
@@ -249,12 +273,14 @@ class SFTTrainer:
         with self.engine.ema_swap(), self.engine.autocast():
             for k, (i, it) in enumerate(zip(padded, items, strict=True)):
                 batch = collate_sft([it])
-                gen = torch.Generator(device).manual_seed(derive_seed(self.seed, 2**31, i))
+                gen = torch.Generator(device).manual_seed(derive_seed(self.seed, "validation", i))
                 loss = self.batch_loss(batch, gen)[0].float()
                 h, w = it["target"].shape[-2:]
                 cond = self.policy.condition(it["prompt"], it["references"], h, w)
                 with self.engine.gathered_parameters():
-                    traj = rollout(self.policy, cond, 1, num_steps=self.val_steps, kind="ode", generator=gen)
+                    traj = rollout(
+                        self.policy, cond, 1, num_steps=self.val_steps, method="ode", generator=gen
+                    )
                 if k >= len(share):
                     continue  # padding
                 losses.append(loss.reshape(1))
@@ -270,7 +296,7 @@ class SFTTrainer:
         if self.reward is not None:
             local: dict[str, Tensor] = {}
             if items:
-                inputs = common.reward_inputs(
+                inputs = RewardInputs.from_records(
                     [
                         {
                             "prompt": it["meta"]["instruction"],
@@ -287,22 +313,22 @@ class SFTTrainer:
                 }
                 for row, s in zip(captions, local["score"].tolist(), strict=True):
                     row[-1] = f"sample {s:.3f}"
-            scores = common.gather_scores(self.engine, local)
+            scores = gather_scores(local, device)
             metrics.update(
-                {k.replace("reward/", "val/reward/"): v for k, v in common.reward_metrics(scores).items()}
+                {k.replace("reward/", "val/reward/"): v for k, v in reward_metrics(scores).items()}
             )
         self.logger.log(metrics, step=self.step)
         if self.engine.is_main:
-            self.logger.log_images("val/grid", common.make_grid(rows, captions), step=self.step)
+            self.logger.log_images("val/grid", make_grid(rows, captions), step=self.step)
         return metrics
 
     def save_checkpoint(self) -> Path:
-        return common.save_training_checkpoint(
+        return save_training_checkpoint(
             self.ckpt_root,
             self.step,
             self.policy,
             self.engine,
-            data_state=self.data_state or self.sampler.state_dict(),
+            data_state=self.data_state or self.batch_sampler.state_dict(),
             keep_last=self.keep_last,
             export_lora=self.export_lora,
         )
@@ -311,8 +337,9 @@ class SFTTrainer:
         self.preemption.uninstall()
         self.logger.close()
         self.engine.cleanup()
+        self.run_lock.release()  # last: the run's checkpoints and logs are complete
 
 
 def main(cfg: DictConfig) -> None:
     """Entry point of ``psr-sft`` (see :mod:`psr.cli`)."""
-    common.run_trainer(SFTTrainer(cfg), "psr-sft")
+    run_trainer(SFTTrainer(cfg), "psr-sft")

@@ -1,6 +1,15 @@
+import pytest
 import torch
 
-from psr.models.lora import add_lora, export_diffusers_lora, load_lora_state_dict, lora_state_dict
+from psr.models.lora import (
+    add_lora,
+    export_diffusers_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    make_trainable,
+    merge_lora,
+    read_diffusers_lora,
+)
 
 H = W = 64
 
@@ -10,6 +19,11 @@ def _perturb(params, seed=0):
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _engine_weights(policy):
+    """The LoRA weights by parameter name, as the engine and ``trainable.safetensors`` hold them."""
+    return {n: p.detach().clone() for n, p in policy.transformer.named_parameters() if "lora_" in n}
 
 
 def test_lora_trains_only_adapters_and_disabled_is_base(tiny_policy):
@@ -25,7 +39,7 @@ def test_lora_trains_only_adapters_and_disabled_is_base(tiny_policy):
     _perturb(params)
     adapted = tiny_policy.velocity(x, 0.5, cond).detach()
     assert not torch.allclose(adapted, base, atol=1e-5)
-    with tiny_policy.adapters_disabled():
+    with tiny_policy.reference_policy():
         torch.testing.assert_close(tiny_policy.velocity(x, 0.5, cond), base)
     torch.testing.assert_close(tiny_policy.velocity(x, 0.5, cond), adapted)
 
@@ -51,9 +65,10 @@ def test_export_loads_in_flux_kontext_pipeline(tiny_policy, tiny_components, tmp
 
     from psr.models.builders import tiny_flux_kontext_components
 
-    params = add_lora(tiny_policy.transformer, rank=4, alpha=4)
+    # alpha != rank: the scale alpha / r must reach the pipeline through the file's metadata
+    params = add_lora(tiny_policy.transformer, rank=4, alpha=8)
     _perturb(params)
-    path = export_diffusers_lora(tiny_policy.transformer, tmp_path)
+    path = export_diffusers_lora(tiny_policy.transformer, _engine_weights(tiny_policy), tmp_path)
     assert path.is_file()
     pipe = FluxKontextPipeline(**tiny_flux_kontext_components(seed=0))
     pipe.load_lora_weights(tmp_path)
@@ -71,3 +86,34 @@ def test_export_loads_in_flux_kontext_pipeline(tiny_policy, tiny_components, tmp
         return_dict=False,
     )[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_the_exported_file_equals_the_adapted_model(tiny_policy, tmp_path):
+    """Export then merge (what psr-eval lora=... does) and merge from engine-named weights (what
+    init_from does) both give the adapted model's velocity with the adapter's scale alpha / r = 2."""
+    from psr.models.builders import tiny_flux_kontext
+
+    params = add_lora(tiny_policy.transformer, rank=4, alpha=8)
+    _perturb(params)
+    refs = [torch.rand(3, H, W, generator=torch.Generator().manual_seed(1))]
+    cond = tiny_policy.condition("a cat", refs, H, W)
+    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(2))
+    adapted = tiny_policy.velocity(x, 0.4, cond)
+    weights, scale = read_diffusers_lora(
+        export_diffusers_lora(tiny_policy.transformer, _engine_weights(tiny_policy), tmp_path)
+    )
+    assert scale == 2.0 and all(k.startswith("transformer.") for k in weights)
+    for source in (weights, _engine_weights(tiny_policy)):
+        merged = tiny_flux_kontext(seed=0)
+        merge_lora(merged.transformer, source, scale)
+        got = merged.velocity(x, 0.4, merged.condition("a cat", refs, H, W))
+        torch.testing.assert_close(got, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_make_trainable_name_the_config_key(tiny_policy):
+    with pytest.raises(KeyError, match="lora_A/lora_B"):
+        merge_lora(tiny_policy.transformer, {"x.lora_A.weight": torch.zeros(1, 1)}, 1.0)
+    with pytest.raises(ValueError, match="train.mode"):
+        make_trainable(tiny_policy, "half")
+    with pytest.raises(ValueError, match="train.lora.targets"):
+        make_trainable(tiny_policy, "lora", rank=2, targets=["no_such_module"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psr.models.builders import flux_kontext, tiny_flux_kontext
-from psr.sampling.sampler import initial_noise, rollout
+from psr.sampling.rollout import initial_noise, rollout
 
 H = W = 64
 PROMPT = "a corgi and a red mug on a wooden table"
@@ -29,7 +29,7 @@ def test_ode_rollout_equals_flux_kontext_pipeline(tiny_components):
     ref = _ref(1)
     cond = policy.condition(PROMPT, [ref], H, W)
     x0 = initial_noise(policy, cond, 1, torch.Generator().manual_seed(7))
-    ours = rollout(policy, cond, 1, num_steps=4, kind="ode", latents=x0).images
+    ours = rollout(policy, cond, 1, num_steps=4, method="ode", latents=x0).images
     pipe = FluxKontextPipeline(**tiny_components)
     theirs = pipe(
         image=ref[None],
@@ -55,7 +55,7 @@ def test_ode_rollout_without_reference_equals_flux_pipeline(tiny_components):
     policy = tiny_flux_kontext(seed=0)
     cond = policy.condition(PROMPT, [], H, W)
     x0 = initial_noise(policy, cond, 2, torch.Generator().manual_seed(3))
-    ours = rollout(policy, cond, 2, num_steps=3, kind="ode", latents=x0).images
+    ours = rollout(policy, cond, 2, num_steps=3, method="ode", latents=x0).images
     pipe = FluxPipeline(**tiny_components)
     theirs = pipe(
         prompt=[PROMPT] * 2,

@@ -16,6 +16,7 @@ from trainer_helpers import (
     run_cli,
     signal_at,
     start_trainer,
+    trained_policy,
     velocities_with_exported_lora,
 )
 
@@ -26,7 +27,7 @@ BASE = [
     "data.heldout=2",
     "data.image_size=32",
     "dataset.resolution=32",
-    "train.batch_size=2",
+    "train.micro_batch_size=2",
     "train.lora.rank=4",
     "train.lora.alpha=4",
     "train.checkpoint_every=2",
@@ -99,8 +100,8 @@ def test_overfits_four_records(tmp_path):
     the step-to-step noise of the flow-matching loss. Measured: 5.3 -> 1.5-1.7 (ratio 0.28-0.33); a
     trainer that does not learn, or scores the wrong tokens, stays near 1.
     """
+    from psr.checkpoint import load_initial_weights
     from psr.data.dataset import SampleKey, collate_sft
-    from psr.trainers.common import load_initial_weights
 
     trainer = trainer_for(
         tmp_path,
@@ -109,7 +110,7 @@ def test_overfits_four_records(tmp_path):
         "validation.records=0",
         "train.mode=full",
         "train.steps=50",
-        "train.batch_size=4",
+        "train.micro_batch_size=4",
         "train.checkpoint_every=1000",
         "train.export_lora=false",
         "optim.lr=1e-3",
@@ -205,7 +206,7 @@ def test_resume_after_sigkill_and_preemption_gives_identical_losses(tmp_path):
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
-    """The sft_quickstart experiment, shortened to 30 steps, on a synthetic manifest."""
+    """The psr-sft quickstart experiment, shortened to 30 steps, on a synthetic manifest."""
     from psr.data.synthetic import write_synthetic_manifest
     from psr.trainers.sft import main
 
@@ -213,7 +214,7 @@ def quickstart_run(tmp_path_factory):
     manifest = write_synthetic_manifest(root / "data", num_records=12, num_subjects=(2, 3), image_size=64)
     cfg = compose(
         root / "sft",
-        "experiment=sft_quickstart",
+        "experiment/sft=quickstart",
         f"data.manifest={manifest}",
         "train.steps=30",
         "train.checkpoint_every=15",
@@ -243,15 +244,7 @@ def test_quickstart_outputs(quickstart_run, capsys):
 
 def _trained_policy(cfg, run_dir: Path):
     """The quickstart's trained model rebuilt from its checkpoint (LoRA weights by parameter name)."""
-    from safetensors.torch import load_file
-
-    from psr.trainers.common import build_policy
-
-    policy, _ = build_policy(cfg, "cpu")
-    weights = load_file(str(run_dir / "checkpoints" / "step_00000030" / "trainable.safetensors"))
-    missing, unexpected = policy.transformer.load_state_dict(weights, strict=False)
-    assert not unexpected and not [k for k in missing if "lora_" in k]
-    return policy
+    return trained_policy(cfg, run_dir / "checkpoints" / "step_00000030")
 
 
 def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
@@ -262,15 +255,15 @@ def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
         policy, run_dir / "checkpoints" / "step_00000030" / "lora"
     )
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    with policy.adapters_disabled():  # the LoRA did learn something
+    with policy.reference_policy():  # the LoRA did learn something
         assert not torch.allclose(policy.velocity(x, 0.6, cond), ours, atol=1e-4)
 
 
 def test_init_from_merges_sft_lora_under_a_new_adapter(quickstart_run):
     """What psr-rl does with init_from=<SFT run>: a fresh RL LoRA, the SFT LoRA merged into the base."""
+    from psr.checkpoint import load_initial_weights
     from psr.models.builders import tiny_flux_kontext
     from psr.models.lora import add_lora
-    from psr.trainers.common import load_initial_weights
 
     cfg, run_dir, _ = quickstart_run
     sft = _trained_policy(cfg, run_dir)
@@ -283,14 +276,14 @@ def test_init_from_merges_sft_lora_under_a_new_adapter(quickstart_run):
     x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
     expected = sft.velocity(x, 0.3, cond)
     torch.testing.assert_close(rl.velocity(x, 0.3, cond), expected, rtol=1e-4, atol=1e-5)
-    with rl.adapters_disabled():  # the RL reference policy is the SFT model
+    with rl.reference_policy():  # the RL reference policy is the SFT model
         torch.testing.assert_close(rl.velocity(x, 0.3, cond), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="init_from"):
         load_initial_weights(rl, run_dir / "nowhere")
 
 
 def test_stack_conditionings_groups_by_token_layout():
-    from psr.trainers.sft import stack_conditionings
+    from psr.models.policy import stack_conditionings
     from psr.types import Conditioning
 
     def cond(n_refs: int, value: float, dtype=torch.bfloat16) -> Conditioning:

@@ -47,7 +47,7 @@ def test_sft_under_zero3_reproduces_the_torch_engine(tmp_path):
 
     def run(run_dir: Path, engine: str) -> dict[tuple[int, str], float]:
         cmd = [
-            str(BIN / "psr-sft"), "experiment=sft_quickstart", "data=synthetic", "train.steps=4",
+            str(BIN / "psr-sft"), "experiment=quickstart", "data=synthetic", "train.steps=4",
             "validation.every=2", f"engine={engine}", "engine.precision=fp32", f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
         run_cli(cmd)

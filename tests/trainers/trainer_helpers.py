@@ -32,11 +32,48 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run_cli(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a console script (or torchrun) from the checkout; fails the test with its stderr."""
-    done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    cmd: list[str], timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a console script (or torchrun) from the checkout; fails the test with its stderr.
+
+    The command runs in its own process group: past ``timeout`` (a collective that waits forever)
+    the whole group is killed, torchrun's workers included, and the test fails instead of blocking.
+    ``env`` adds variables to :func:`clean_env`.
+    """
+    child = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**clean_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise AssertionError(
+            f"{' '.join(cmd)} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-4000:]}"
+        ) from None
+    done = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done
+
+
+def launch(script: str, nproc: int, args: list[str]) -> list[str]:
+    """The command running console script ``script`` (psr-rl, psr-sft) with ``args``: directly for one
+    process, under ``torchrun`` (a local rendezvous on a free port; gloo on CPU) for more."""
+    from psr.distributed import free_port
+
+    if nproc == 1:
+        return [str(BIN / script), *args]
+    return [
+        str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "--no-python", str(BIN / script), *args,
+    ]  # fmt: skip
 
 
 def metric(run_dir: Path, key: str) -> dict[int, float]:
@@ -105,6 +142,23 @@ def signal_at(trainer: Any, at: int, key: str) -> None:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     trainer.logger.log = log_and_signal
+
+
+def trained_policy(cfg: Any, checkpoint: Path) -> Any:
+    """The model of a run's ``cfg`` with the trainable weights of ``checkpoint``, built on the CPU the
+    way the trainers build it (``train.mode``, ``train.lora``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from psr.models.lora import make_trainable
+
+    policy = instantiate(cfg.model, device="cpu")
+    make_trainable(policy, str(cfg.train.mode), **OmegaConf.to_container(cfg.train.lora, resolve=True))
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    missing, unexpected = policy.transformer.load_state_dict(weights, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    return policy
 
 
 def velocities_with_exported_lora(policy: Any, lora_dir: Path) -> tuple[Any, Any, Any, Any]:
