@@ -1,29 +1,44 @@
 """Console entry points: ``psr-sft``, ``psr-rl``, ``psr-eval``, ``psr-data``.
 
 Each is a ``@hydra.main`` over the primary config of the same name in ``conf/``; all outputs go
-under Hydra's run directory (``hydra.run.dir=PATH``). Everything below the entry point takes plain
-typed arguments; only these functions and the trainers' ``setup()`` read the config.
+under Hydra's run directory (``hydra.run.dir=PATH``). ``experiment=NAME`` picks the primary's own
+preset (``conf/experiment/<primary>/NAME.yaml``, see :func:`psr.config.expand_experiment`), and the
+composed config is checked (:func:`psr.config.check_config`: a key no reader takes is an error)
+before anything is built. Everything below the entry point takes plain typed arguments; only these
+functions and the trainers' ``setup()`` read the config.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-CONF_DIR = os.environ.get("PSR_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+from psr.config import CONF_DIR, check_config, conf_dir, expand_experiment
+
+__all__ = ["CONF_DIR", "data", "evaluate", "rl", "sft"]
 
 
-def _entry(config_name: str, run: Callable[[object], None], conf_dir: str = CONF_DIR) -> None:
+def _entry(primary: str, run: Callable[[object], None]) -> None:
     import hydra
 
-    if not Path(conf_dir, f"{config_name}.yaml").is_file():
+    directory = conf_dir(primary)
+    if not Path(directory, f"{primary}.yaml").is_file():
         raise SystemExit(
-            f"psr: config directory {conf_dir} has no {config_name}.yaml; install psr from a checkout "
+            f"psr: config directory {directory} has no {primary}.yaml; install psr from a checkout "
             f"(pip install -e .) or set PSR_CONF_DIR"
         )
     os.environ.setdefault("WANDB_MODE", "offline")
-    main = hydra.main(version_base="1.3", config_path=conf_dir, config_name=config_name)(run)
+    sys.argv[1:] = expand_experiment(primary, sys.argv[1:])
+
+    def checked(cfg: object) -> None:
+        check_config(
+            cfg, primary
+        )  # before anything is built: a stray key fails in seconds, not after loading
+        run(cfg)
+
+    main = hydra.main(version_base="1.3", config_path=str(directory), config_name=primary)(checked)
     main()
 
 
@@ -68,4 +83,4 @@ def evaluate() -> None:
 
 def data() -> None:
     """``psr-data``: the multi-subject data pipeline (``stage=...``, ``shard.index=i shard.count=n``)."""
-    _entry("data", _data, conf_dir=str(Path(CONF_DIR, "pipeline")))
+    _entry("data", _data)

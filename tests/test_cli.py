@@ -19,7 +19,7 @@ TINY = [
     "train.resolution=32",
     "train.steps=1",
     "train.group_size=2",
-    "train.micro_batch=2",
+    "train.micro_batch_size=2",
     "train.eval_every=0",
     "train.grid_every=0",
     "sampler.num_steps=2",
@@ -39,13 +39,46 @@ def test_help_and_cfg_job():
     assert "algo: dpo, grpo" in done.stdout and "model: flux_kontext, tiny" in done.stdout
     done = run("--cfg", "job", "experiment=quickstart", "algo=dpo", "train.group_size=3")
     assert done.returncode == 0, done.stderr
-    assert "name: dpo" in done.stdout and "group_size: 3" in done.stdout
+    assert "_target_: psr.objectives.dpo.DPOObjective" in done.stdout and "group_size: 3" in done.stdout
 
 
 def test_unknown_key_names_it():
     done = run("experiment=quickstart", "train.grup_size=3")
     assert done.returncode != 0
     assert "train.grup_size" in done.stderr
+
+
+def test_a_key_no_reader_takes_fails_before_anything_is_built(tmp_path):
+    """An added key (``+``) gets past Hydra; psr.config.check_config stops it, naming the closest key."""
+    done = run(
+        "experiment=quickstart",
+        "+train.stepz=3",
+        "algo=dpo",
+        "+algo.advantage_clip=3",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert done.returncode != 0
+    assert "train.stepz: not a key of train (RLTrainSettings) (did you mean train.steps?)" in done.stderr
+    assert "algo.advantage_clip: not a key of psr.objectives.dpo" in done.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing was built or run
+
+
+def test_each_cli_picks_its_own_preset():
+    done = run("--cfg", "job", "experiment=psr_sft")
+    assert done.returncode != 0
+    assert "Could not find 'experiment/rl/psr_sft'" in done.stderr and "psr_rl" in done.stderr
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    for cli, steps in (("psr-rl", 12), ("psr-sft", 100)):
+        done = subprocess.run(
+            [str(BIN / cli), "--cfg", "job", "experiment=quickstart"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"steps: {steps}" in done.stdout
 
 
 def test_unreadable_reference_image_names_the_file(tmp_path):
@@ -56,7 +89,14 @@ def test_unreadable_reference_image_names_the_file(tmp_path):
     bad = manifest.parent / last["subjects"][1]["reference"]
     bad.write_bytes(b"not a png")
     tiny = [a for a in TINY if not a.startswith(("data.num_records", "data.image_size"))]
-    done = run(*tiny, "data=manifest", f"data.manifest={manifest}", f"hydra.run.dir={tmp_path / 'run'}")
+    # the up-front check of every image (tests/test_settings.py) is off: this is the loader's own error
+    done = run(
+        *tiny,
+        "data=manifest",
+        f"data.manifest={manifest}",
+        "data.check_images=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert done.returncode != 0
     assert str(bad.name) in done.stderr and "cannot read" in done.stderr, done.stderr[-2000:]
 
