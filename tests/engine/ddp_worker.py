@@ -25,6 +25,7 @@ from engine_cases import OPTIM, loss_fn, make_data, make_model, train_steps, tra
 from psr import checkpoint as ckpt  # noqa: E402
 from psr import distributed  # noqa: E402
 from psr.engine import DeepSpeedEngine, TorchEngine  # noqa: E402
+from psr.preemption import PreemptionHandler  # noqa: E402
 
 
 def build(name: str):
@@ -103,7 +104,7 @@ def main(out: Path) -> None:
     report["gathered"] = distributed.all_gather_tensor(torch.full((rank + 1, 2), float(rank))).tolist()
     report["objects"] = distributed.all_gather_object({"rank": rank})
     report["has_rng"] = state["rng"] is not None
-    with ckpt.PreemptionHandler() as handler:
+    with PreemptionHandler() as handler:
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         distributed.barrier()

@@ -43,7 +43,7 @@ def _run(flux_case, engine) -> dict:
         norms.append(engine.step()["grad_norm"])
     with torch.no_grad(), engine.gathered_parameters():
         v = policy.velocity(x, 0.3, cond)
-        with policy.adapters_disabled():  # the reference policy of the KL term
+        with policy.reference_policy():  # the reference policy of the KL term
             v_ref = policy.velocity(x, 0.3, cond)
     return {"weights": engine.trainable_state_dict(), "norms": norms, "v": v, "v_ref": v_ref}
 

@@ -156,4 +156,5 @@ def test_max_batch_chunks_give_the_same_detections():
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     queries = [["dog"], ["cat", "dog"], ["cup"], ["dog"], ["mug", "cat"]]
     for a, b in zip(whole.detect(images, queries), chunked.detect(images, queries), strict=True):
+        assert len(a) > 0  # boxes in every image (9-16 at this threshold): no empty-vs-empty comparison
         assert torch.equal(a.labels, b.labels) and torch.allclose(a.boxes, b.boxes, atol=1e-3)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from rewards.base import RewardInputs, Subject
-from rewards.cli import main
+from rewards.cli import main, run
 from rewards.color import ColorReward
 
 
@@ -60,7 +60,7 @@ def test_manifest_end_to_end_with_tiny_psr(tmp_path, patch, paste):
         )
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     out = tmp_path / "out"
-    means = main(
+    means = run(
         [
             "--manifest",
             str(tmp_path / "m.jsonl"),
@@ -113,7 +113,7 @@ def test_psrbench_json_with_color_reward(tmp_path):
             }
         )
     (tmp_path / "bench.json").write_text(json.dumps(data))
-    main(
+    run(
         [
             "--psrbench",
             str(tmp_path / "bench.json"),
@@ -125,6 +125,8 @@ def test_psrbench_json_with_color_reward(tmp_path):
         ]
     )
     payload, _ = _read_outputs(tmp_path / "scores")
+    # psr-eval's ids for the same file (rewards.psrbench.record_id): <file stem>-<4-digit index>
+    assert [s["id"] for s in payload["samples"]] == ["bench-0000", "bench-0001"]
     for i, sample in enumerate(payload["samples"]):
         refs = [_load(tmp_path / f"in/{i}_a.png"), _load(tmp_path / f"in/{i}_b.png")]
         expected = ColorReward()(
@@ -135,7 +137,7 @@ def test_psrbench_json_with_color_reward(tmp_path):
     del data[1]["result_path"]
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="record 1: missing or bad field 'result_path'"):
-        main(
+        run(
             [
                 "--psrbench",
                 str(tmp_path / "bad.json"),
@@ -153,7 +155,7 @@ def test_folder_of_mixed_sizes_with_a_target_and_nan_means(tmp_path):
     for name, size in [("a", 32), ("b", 48), ("c", 32)]:
         _save(tmp_path / "imgs" / f"{name}.png", torch.rand(3, size, size, generator=g))
     (tmp_path / "imgs" / "a.txt").write_text("a red mug")
-    main(
+    run(
         [
             "--images",
             str(tmp_path / "imgs"),
@@ -172,7 +174,7 @@ def test_folder_of_mixed_sizes_with_a_target_and_nan_means(tmp_path):
         abs(s["score"]) <= 100 for s in payload["samples"]
     )
     # color needs references: every sample is NaN ("does not apply"), written as null / empty
-    means = main(
+    means = run(
         [
             "--images",
             str(tmp_path / "imgs"),
@@ -192,3 +194,42 @@ def test_console_script_help():
         [sys.executable, "-m", "rewards.cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--psrbench" in result.stdout and "--reward" in result.stdout
+
+
+def test_psrbench_ids_from_id_fields_and_object_keys(tmp_path):
+    _save(tmp_path / "in/a.png", torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    _save(tmp_path / "out/0.png", torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    rec = {"instruction": "a dog", "input_path": ["in/a.png"], "category1": "dog", "result_path": "out/0.png"}
+    (tmp_path / "list.json").write_text(json.dumps([rec, {**rec, "id": "dog-7"}]))
+    (tmp_path / "object.json").write_text(json.dumps({"first": rec, "second": {**rec, "id": 42}}))
+    for name, ids in [("list", ["list-0000", "dog-7"]), ("object", ["first", "42"])]:
+        out = tmp_path / f"scores_{name}"
+        run(
+            [
+                "--psrbench",
+                str(tmp_path / f"{name}.json"),
+                "--reward",
+                "color",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        assert [s["id"] for s in _read_outputs(out)[0]["samples"]] == ids
+
+
+def test_main_turns_bad_input_into_a_message_and_a_non_zero_status(tmp_path, monkeypatch):
+    for name in ("PSR_GROUNDING_DINO", "PSR_DINO"):  # conf/reward/psr.yaml's fallbacks for the paths
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--manifest", str(tmp_path / "missing.jsonl"), "--reward", "color", "--no-progress"])
+    assert exc.value.code == f"psr-score: --manifest {tmp_path / 'missing.jsonl'}: no such file"
+    (tmp_path / "imgs").mkdir()
+    _save(tmp_path / "imgs/a.png", torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(SystemExit) as exc:  # a reward config key left at ??? names the key
+        main(["--images", str(tmp_path / "imgs"), "--reward", "psr", "--out", str(tmp_path / "o")])
+    assert "detector.path" in str(exc.value.code) and str(exc.value.code).startswith("psr-score: ")
+    # success returns None: the console script exits 0 (a returned dict would exit 1)
+    assert (
+        main(["--images", str(tmp_path / "imgs"), "--reward", "color", "--out", str(tmp_path / "o2")]) is None
+    )

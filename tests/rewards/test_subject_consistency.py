@@ -7,6 +7,7 @@ the tiny random DINO-layout ViT; identical pixels give identical embeddings what
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from rewards.detectors import BoxesDetector, Detections, ForegroundDetector
 from rewards.subject_consistency import SubjectConsistencyReward, assign, psrbench_score
 
 TOL = 1e-5  # float32 cosine of identical embeddings: 1 up to rounding
+# Scores from our preprocessing vs PSRBench's (PIL bicubic on 8-bit crops): measured up to 1.2e-4
+PREPROCESSING_TOL = 5e-4
 
 
 def _canvas(size: int = 96) -> torch.Tensor:
@@ -146,7 +149,7 @@ def test_reference_without_detection(tiny_dino, patch, paste):
     assert penalty["score"].item() == -1.0 and penalty["detected_1"].item() == 0.0
 
 
-def test_reward_equals_psrbench_formula_on_the_same_crops(tiny_dino, patch, paste):
+def test_reward_equals_psrbench_formula_on_the_same_crops(tiny_dino, patch, paste, psrbench_embed):
     gen, refs, boxes, ref_boxes = [], [], [], []
     for b in range(2):
         canvas = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(b))
@@ -175,8 +178,16 @@ def test_reward_equals_psrbench_formula_on_the_same_crops(tiny_dino, patch, past
             for x0, y0, x1, y1 in ((5, 7, 40, 50), (44, 20, 90, 78), (10, 55, 30, 78))
         ]
         ref_crops = [refs[b][0][:, 3:40, 2:30], refs[b][1][:, 0:54, 0:40], refs[b][2][:, 6:50, 5:33]]
+        # the same crops through the same embedder: isolates detection, cropping and pairing
         expected = psrbench_score(tiny_dino.embed(crops), tiny_dino.embed(ref_crops))
         assert out["score"][b].item() == pytest.approx(expected.item(), abs=1e-5)
+        # and through PSRBench's own preprocessing (torchvision on 8-bit PIL crops), not ours
+        published = psrbench_score(
+            psrbench_embed(tiny_dino.model, crops), psrbench_embed(tiny_dino.model, ref_crops)
+        )
+        assert out["score"][b].item() == pytest.approx(published.item(), abs=PREPROCESSING_TOL)
+    # the two samples' scores differ by more than that tolerance (3e-3 apart), so it can tell them apart
+    assert abs(out["score"][0].item() - out["score"][1].item()) > PREPROCESSING_TOL
 
 
 def test_psrbench_score_closed_form():
@@ -199,7 +210,36 @@ def test_assign_maximizes_total_similarity():
     assert assign(torch.zeros(2, 0)) == []
 
 
-def test_leakage_and_margin_terms(tiny_dino, patch, paste):
+def _brute_force_assignment(sim: torch.Tensor) -> tuple[float, list[tuple[int, int]], float]:
+    """Best and second-best totals over every one-to-one pairing of min(S, K) rows with columns."""
+    s, k = sim.shape
+    totals = []
+    if s <= k:  # every row takes a distinct column
+        for cols in itertools.permutations(range(k), s):
+            pairs = list(enumerate(cols))
+            totals.append((sum(sim[r, c].item() for r, c in pairs), pairs))
+    else:  # every column is taken by a distinct row
+        for rows in itertools.permutations(range(s), k):
+            pairs = sorted((r, c) for c, r in enumerate(rows))
+            totals.append((sum(sim[r, c].item() for r, c in pairs), pairs))
+    totals.sort(key=lambda item: -item[0])
+    return totals[0][0], totals[0][1], totals[1][0]
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 4), (5, 2), (4, 3), (4, 4)])
+@pytest.mark.parametrize("seed", range(4))
+def test_assign_equals_brute_force_on_rectangular_matrices(shape, seed):
+    sim = torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+    best, pairs, second = _brute_force_assignment(sim)
+    assert best - second > 1e-9  # ties excluded: the optimal pairing is unique, so it can be compared
+    got = sorted(assign(sim))
+    assert len(got) == min(shape)
+    assert len({r for r, _ in got}) == len(got) == len({c for _, c in got})  # one-to-one
+    assert got == pairs
+    assert sum(sim[r, c].item() for r, c in got) == pytest.approx(best, abs=1e-12)
+
+
+def test_leakage_and_margin_terms(tiny_dino, patch, paste, psrbench_embed):
     dog, cat = patch(30, 24, 24), patch(31, 24, 24)
     canvas = _canvas()
     boxes = {"dog": [paste(canvas, dog, 8, 8)], "cat": [paste(canvas, cat, 60, 60)]}
@@ -218,6 +258,12 @@ def test_leakage_and_margin_terms(tiny_dino, patch, paste):
         plain["score"].item() - 0.5 * cross + 0.25 * (1 - cross), abs=TOL
     )
     assert "leakage" not in plain
+    # the reference cosine through PSRBench's preprocessing instead of the reward's own
+    p = psrbench_embed(tiny_dino.model, [dog, cat]).double()
+    published = float(p[0] @ p[1])
+    assert extra["leakage"].item() == pytest.approx(published, abs=PREPROCESSING_TOL)
+    assert extra["margin"].item() == pytest.approx(1.0 - published, abs=PREPROCESSING_TOL)
+    assert 1.0 - published > 100 * PREPROCESSING_TOL  # the two subjects are told apart
 
 
 def test_batch_equals_single_calls_and_one_forward_per_model(tiny_gd, tiny_dino, patch):
