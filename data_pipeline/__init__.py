@@ -1,4 +1,4 @@
-"""Multi-subject training data from single-subject models (PSR_METHOD.md §8), sharded and resumable.
+"""Multi-subject training data from single-subject models (docs/method.md §8), sharded and resumable.
 
 Stages (:mod:`data_pipeline.stages`): plan -> prompts -> target -> crop -> references -> edit ->
 instruct -> filter -> export -> report; models behind small protocols (:mod:`data_pipeline.models`);

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from data_pipeline.shards import Shard, StageInputError, shard_dirs
 from data_pipeline.stages.common import ORDER
 from data_pipeline.stages.export import SHARDED
+from psr.runlock import RunLock, RunLockError
 
 log = logging.getLogger("data_pipeline")
 
@@ -79,6 +81,13 @@ def shard_from_env(index: Any, count: Any) -> Shard:
     return Shard(0, 1)
 
 
+def data_lock(out_dir: Path, what: str, *, acquire: bool = True) -> RunLock:
+    """The lock ``<out_dir>/.psr-data.<what>.lock`` (``what``: a shard's name, or ``export`` for export
+    and report), taken unless ``acquire`` is False; see :mod:`psr.runlock`."""
+    lock = RunLock(out_dir, command="psr-data", key="out_dir", name=f".psr-data.{what}.lock")
+    return lock.acquire() if acquire else lock
+
+
 def run_stage(stage: str, out_dir: Path, shard: Shard, cfg: Any) -> dict[str, Any]:
     """Run one stage (sharded ones on ``shard``); returns its summary."""
     import importlib
@@ -105,35 +114,56 @@ def main(cfg: Any) -> dict[str, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("psr-data: stage=%s %s out_dir=%s", stage, shard.name, out_dir)
     summaries: dict[str, dict[str, Any]] = {}
-    for name in ORDER if stage == "all" else (stage,):
-        if stage == "all" and name == "export":
-            complete, missing = filter_complete(out_dir)
-            if not complete:
+    # one writer per shard (array tasks write other shards of this out_dir in parallel) and one for
+    # the unsharded export + report; held until the stages end, exceptions included
+    with contextlib.ExitStack() as locks:
+        if stage not in ("export", "report"):
+            try:
+                locks.enter_context(data_lock(out_dir, shard.name))
+            except RunLockError as err:
+                raise SystemExit(f"psr-data {shard.name}: {err}") from err
+        tail = data_lock(out_dir, "export", acquire=False)  # taken when export is reached
+        locks.callback(tail.release)
+        for name in ORDER if stage == "all" else (stage,):
+            if stage == "all" and name == "export":
+                complete, missing = filter_complete(out_dir)
+                if not complete:
+                    log.info(
+                        "export waits for filter shards %s; run psr-data stage=export when they are done",
+                        missing,
+                    )
+                    break
+            if name not in SHARDED and not tail.held:
+                try:
+                    tail.acquire()
+                except RunLockError as err:
+                    if stage != "all":
+                        raise SystemExit(f"psr-data stage={name}: {err}") from err
+                    log.warning("export and report are left to the process that holds them: %s", err)
+                    break
+            try:
+                summaries[name] = run_stage(name, out_dir, shard, cfg)
+            except StageInputError as err:
+                raise SystemExit(f"psr-data stage={name}: {err}") from err
+            s = summaries[name]
+            if "inputs" in s:
+                model = sum(s["model_seconds"].values())
                 log.info(
-                    "export waits for filter shards %s; run psr-data stage=export when they are done", missing
+                    "%-10s %s: %d in, %d kept, %d rejected, %.1f s (%.1f s in models)",
+                    name,
+                    shard.name,
+                    s["inputs"],
+                    s["accepted"],
+                    s["rejected"],
+                    s["seconds"],
+                    model,
                 )
-                break
-        try:
-            summaries[name] = run_stage(name, out_dir, shard, cfg)
-        except StageInputError as err:
-            raise SystemExit(f"psr-data stage={name}: {err}") from err
-        s = summaries[name]
-        if "inputs" in s:
-            model = sum(s["model_seconds"].values())
-            log.info(
-                "%-10s %s: %d in, %d kept, %d rejected, %.1f s (%.1f s in models)",
-                name,
-                shard.name,
-                s["inputs"],
-                s["accepted"],
-                s["rejected"],
-                s["seconds"],
-                model,
-            )
-        elif name == "export":
-            log.info("export: %d records, %d rejects -> %s", s["records"], s["rejected"], out_dir / "export")
-        elif name == "report":
-            log.info("report: %s", out_dir / "report" / "report.md")
+            elif name == "export":
+                log.info(
+                    "export: %d records, %d rejects -> %s", s["records"], s["rejected"], out_dir / "export"
+                )
+            elif name == "report":
+                log.info("report: %s", out_dir / "report" / "report.md")
     return summaries
 
 

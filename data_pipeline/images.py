@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from psr.fileio import atomic_open
 
 
 def load_image(path: str | os.PathLike) -> tuple[Image.Image | None, str | None]:
@@ -37,17 +38,10 @@ def load_images(paths: Sequence[str | os.PathLike]) -> tuple[list[Image.Image], 
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write a PNG atomically (temp file + rename): a kill never leaves a truncated image behind."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a PNG atomically (temp file + rename): a kill never leaves a truncated image behind, and
+    the file has an ordinary file's mode (0644 under umask 022)."""
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def expand_box(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""Stage ``crop``: find each subject in the target by its category and crop it (PSR_METHOD.md §8 step 4).
+"""Stage ``crop``: find each subject in the target by its category and crop it (docs/method.md §8 step 4).
 
 A record is rejected here, with the reason, when a subject is not found exactly once (after
 per-category non-maximum suppression), when its box is too small, when two subjects' boxes overlap

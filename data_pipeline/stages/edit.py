@@ -1,5 +1,5 @@
 """Stage ``edit`` (optional): an editing model adds the attribute or action to the target for the kinds
-listed in ``edit.kinds`` (PSR_METHOD.md §8 step 6). References were made from the unedited crops,
+listed in ``edit.kinds`` (docs/method.md §8 step 6). References were made from the unedited crops,
 so the edited subject differs from its reference only by what the edit added.
 
 Records of other kinds pass through unchanged (``edit.kinds: []`` turns the stage into a copy).

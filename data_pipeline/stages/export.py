@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.shards import DONE, fingerprint, read_stage_output, shard_dirs
 from data_pipeline.stages.common import ORDER, settings_key
 from psr.data.manifest import Sample, Subject, write_manifest, write_psrbench
+from psr.fileio import make_temp_dir, process_start_time, remove_stale_temps
 
 SHARDED = ORDER[: ORDER.index("filter") + 1]
 
@@ -92,7 +92,9 @@ def run(out_dir: str | Path, settings: dict[str, Any], seed: int) -> dict[str, A
     for stage in SHARDED:
         first = sorted(shard_dirs(out_dir, stage).values())[0]
         hashes[stage] = json.loads((first / DONE).read_text())["fingerprint"]
-    tmp = Path(tempfile.mkdtemp(prefix="export.partial-", dir=out_dir))
+    # what a killed export left (this process holds out_dir's export lock, so no live exporter owns it)
+    remove_stale_temps(out_dir, before=process_start_time())
+    tmp = make_temp_dir(out_dir, "export")  # an ordinary directory's mode once renamed to export/
     try:
         samples = []
         for r in records:

@@ -1,5 +1,5 @@
 """Stage ``filter``: keep a record only if every reference still matches its subject in the (edited)
-target, scored by the PSR reward itself (PSR_METHOD.md §5: detector + embedder, same-category
+target, scored by the PSR reward itself (docs/method.md §5: detector + embedder, same-category
 subjects matched optimally), plus optional text-alignment / quality scores. The paper names no
 filter; this one is psr's (§8).
 

@@ -1,6 +1,6 @@
 """Stage ``instruct``: the final instruction, written from the (edited) target without describing the
 subjects' appearance, so that a model trained on it must take appearance from the references
-(PSR_METHOD.md §8 step 7).
+(docs/method.md §8 step 7).
 
 Settings (``instruct.*``):
     model: an instructor spec: :class:`~data_pipeline.models.text.TemplateInstructor` (default) or

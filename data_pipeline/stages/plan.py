@@ -1,4 +1,4 @@
-"""Stage ``plan``: what each record will show: a task kind and 2-4 categories (PSR_METHOD.md §8 step 1).
+"""Stage ``plan``: what each record will show: a task kind and 2-4 categories (docs/method.md §8 step 1).
 
 Kinds are balanced: the sequence of ``num_records`` kinds is the kind list repeated (by weight) and
 shuffled once with ``seed``, so every shard agrees on it and counts differ by at most one per unit

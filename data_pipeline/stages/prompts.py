@@ -1,5 +1,5 @@
 """Stage ``prompts``: the text-to-image prompt with all subjects, one new-scene prompt per subject,
-and an edit instruction for the kinds the ``edit`` stage changes (PSR_METHOD.md §8 step 2).
+and an edit instruction for the kinds the ``edit`` stage changes (docs/method.md §8 step 2).
 
 Settings (``prompts.*``):
     model: a prompter spec (``_target_``): :class:`~data_pipeline.models.text.TemplatePrompter`

@@ -1,4 +1,4 @@
-"""Stage ``references``: the single-subject model re-renders each crop in its new scene (PSR_METHOD.md
+"""Stage ``references``: the single-subject model re-renders each crop in its new scene (docs/method.md
 §8 step 5). These images become the subjects' references.
 
 Settings (``references.*``):

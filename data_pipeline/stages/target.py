@@ -1,4 +1,4 @@
-"""Stage ``target``: a text-to-image model renders the multi-subject target (PSR_METHOD.md §8 step 3).
+"""Stage ``target``: a text-to-image model renders the multi-subject target (docs/method.md §8 step 3).
 
 Settings (``target.*``):
     model: a renderer spec: :class:`~data_pipeline.models.diffusion.FluxText2Image` (FLUX.1 through

@@ -59,7 +59,7 @@ def test_default_config_composes_and_names_missing_paths():
 
 def test_quickstart_manifest_is_read_by_the_trainers_data_code(reference_run):
     from psr.data.dataset import PromptDataset, SFTDataset
-    from psr.trainers.common import load_records
+    from psr.data.sources import load_manifest
 
     out, summaries = reference_run
     assert set(summaries) == {
@@ -81,24 +81,15 @@ def test_quickstart_manifest_is_read_by_the_trainers_data_code(reference_run):
     assert len(samples) == kept and summaries["export"]["rejected"] == 10 - kept
     s = samples[0]
     assert s.target == f"images/{s.id}/target.png" and all(sub.box is not None for sub in s.subjects)
-    assert set(s.provenance) >= {
-        "plan",
-        "prompts",
-        "target",
-        "crop",
-        "references",
-        "edit",
-        "instruct",
-        "filter",
-        "record_seed",
-    }
+    stages = {"plan", "prompts", "target", "crop", "references", "instruct", "filter", "record_seed"}
+    for x in samples:  # the edit stage records itself on the kinds it edits and passes the others through
+        assert set(x.provenance) >= stages | ({"edit"} if x.kind in ("attribute", "action") else set())
+    assert any("edit" in x.provenance for x in samples)
     item = SFTDataset(samples, manifest.parent, resolution=64)[0]
     assert item["target"].shape == (3, 64, 64) and len(item["references"]) >= 1
     prompt = PromptDataset(samples, manifest.parent)[0]
     assert prompt.categories == [sub.category for sub in s.subjects]
-    train, held, root = load_records(
-        OmegaConf.create({"kind": "manifest", "manifest": str(manifest), "heldout": 2}), out
-    )
+    train, held, root = load_manifest(str(manifest), heldout=2)
     assert len(train) + len(held) == len(samples) and root == manifest.parent
     bench = json.loads((out / "export" / "psrbench.json").read_text())
     assert bench[0]["input_path"] == [sub.reference for sub in s.subjects]
@@ -182,8 +173,11 @@ def test_bad_stage_and_missing_input_are_named(tmp_path):
 
 
 def test_torchrun_ranks_split_shards_into_the_same_dataset(reference_run, tmp_path):
-    """``shard.index=auto``: 2 ranks under torchrun take shards 0 and 1 of 2 in parallel; whichever
-    finishes last exports; the manifest equals the single-process one."""
+    """``shard.index=auto``: 2 ranks under torchrun take shards 0 and 1 of 2 in parallel; exactly one
+    exports, and the manifest equals the single-process one. The rank that publishes its filter shard
+    first logs that export waits for the missing shard; if both publish before either checks, both
+    see the shards complete and the export lock (data_pipeline/cli.py) leaves export to the one that
+    takes it, the other logs so. Either way this run needs no manual export."""
     from psr.distributed import free_port
 
     ref, _ = reference_run
@@ -205,8 +199,15 @@ def test_torchrun_ranks_split_shards_into_the_same_dataset(reference_run, tmp_pa
         "shard-00000-of-00002",
         "shard-00001-of-00002",
     }
-    if not (out / "export" / "manifest.jsonl").is_file():  # both ranks finished before either saw the other
-        run(out, *QUICK, "stage=export")
+    log = done.stdout + done.stderr  # both ranks log to the console torchrun passes through
+    exported = [line for line in log.splitlines() if "export: " in line and " records, " in line]
+    waited = [
+        line
+        for line in log.splitlines()
+        if "export waits for filter shards" in line or "export and report are left to the process" in line
+    ]
+    assert len(exported) == 1 and len(waited) == 1, (exported, waited, log[-3000:])
+    assert (out / "export" / "manifest.jsonl").is_file()
     sharded = read_manifest(out / "export" / "manifest.jsonl")
     whole = read_manifest(ref / "export" / "manifest.jsonl")
     key = [(s.id, s.instruction, [(x.category, x.box) for x in s.subjects]) for s in sharded]
