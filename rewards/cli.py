@@ -6,7 +6,9 @@ Inputs (one of):
                           ``category``, ``reference``); the image scored is ``--images DIR/<id>.<ext>`` when
                           ``--images`` is given, else the record's ``target``;
   ``--psrbench F.json``   PSRBench records (``instruction``, ``input_path`` list, ``category1..4``,
-                          ``result_path``); ``result_path`` is the image scored.
+                          ``result_path``); ``result_path`` is the image scored. Records get the ids
+                          psr-eval gives them (``rewards.psrbench.record_id``: ``id``, the object key,
+                          or ``<file stem>-<4-digit index>``), so the two outputs join on ``id``.
 Relative paths resolve against ``--root`` (default: the manifest's / JSON's folder).
 
 The reward: ``--reward NAME`` composes ``conf/reward/NAME.yaml`` with Hydra (``--config-dir`` to use
@@ -18,7 +20,9 @@ Examples:
   psr-score --psrbench psrbench/three.json --reward psr detector.path=/m/gd embedder.path=/m/dino --device cuda
   psr-score --images outputs/samples --reward color --out scores/
 Outputs: ``OUT/scores.json`` (config, means, per-sample values; NaN as null) and ``OUT/scores.csv``
-(one row per image, then a ``mean`` row).
+(one row per image, then a ``mean`` row). Exit status 0 after a run; 1 with a message naming the
+problem for bad input (a missing file, a bad record, a reward config key without a value); 2 for
+bad arguments.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from PIL import Image
 
 from rewards.base import RewardInputs, Subject
+from rewards.psrbench import record_id as psrbench_record_id
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -157,19 +162,34 @@ def manifest_records(path: Path, root: Path, images: Path | None) -> list[dict[s
 
 
 def psrbench_records(path: Path, root: Path) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text())
-    if isinstance(data, dict):
-        data = next((v for v in data.values() if isinstance(v, list)), None) or list(data.values())
+    """Records of a PSRBench JSON (a list, or an object of id -> record), named as psr-eval names
+    them (:func:`rewards.psrbench.record_id`) so the two commands' outputs join on ``id``."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"psr-score: --psrbench {path}: not valid JSON ({err.msg} at line {err.lineno})"
+        ) from err
+    if isinstance(data, list):
+        entries: list[tuple[str | None, Any]] = [(None, r) for r in data]
+    elif isinstance(data, dict):
+        entries = [(str(k), r) for k, r in data.items()]
+    else:
+        raise ValueError(
+            f"psr-score: --psrbench {path}: expected a JSON list of records (or an object of id -> record)"
+        )
     out = []
-    for i, rec in enumerate(data):
+    for i, (key, rec) in enumerate(entries):
         try:
+            if not isinstance(rec, dict):
+                raise TypeError(f"record is a {type(rec).__name__}, not an object")
             refs = rec["input_path"] if isinstance(rec["input_path"], list) else [rec["input_path"]]
             cats = [str(rec[f"category{k}"]) for k in range(1, len(refs) + 1)]
             if not rec.get("result_path"):
                 raise KeyError("result_path")
             out.append(
                 {
-                    "id": str(rec.get("id", i)),
+                    "id": psrbench_record_id(rec, key, i, path.stem),
                     "image": _resolve(root, rec["result_path"]),
                     "prompt": str(rec["instruction"]),
                     "references": [_resolve(root, r) for r in refs],
@@ -275,7 +295,7 @@ def write_outputs(
     return means
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psr-score",
         description=__doc__.split("\n\n")[0],
@@ -299,9 +319,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="reward config overrides key=value")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> dict[str, float]:
+    """``psr-score`` without the exit handling: parse ``argv``, score, write the outputs.
+
+    Returns:
+        The mean of every reward key over the samples where it applies (NaN where none does).
+
+    Raises:
+        ValueError, FileNotFoundError: bad input, with a message naming the flag, file or record.
+        SystemExit: bad arguments (argparse's usage message, status 2).
+    """
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    for flag in ("manifest", "psrbench"):
+        given = getattr(args, flag)
+        if given is not None and not given.is_file():
+            raise FileNotFoundError(f"psr-score: --{flag} {given}: no such file")
 
     if args.manifest:
         records = manifest_records(args.manifest, args.root or args.manifest.parent, args.images)
@@ -326,6 +364,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"psr-score: {len(records)} images, mean score {means.get('score', float('nan')):.4f}; wrote {args.out / 'scores.json'} and {args.out / 'scores.csv'}"
     )
     return means
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``psr-score`` console script: exit status 0 after a run, 1 with the message of bad input
+    (a missing file, a bad record, a reward config key without a value), 2 for bad arguments."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
+        # bad input: its message names the problem; a traceback would only bury it
+        message = str(err)
+        raise SystemExit(message if message.startswith("psr-score") else f"psr-score: {message}") from err
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The pairwise subject-consistency reward (PSR_METHOD.md §5).
+"""The pairwise subject-consistency reward (docs/method.md §5).
 
 For each subject i of a sample, the pair (reference i, subject i in the generated image):
 
