@@ -4,6 +4,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# auto: `make test` brings the loopback Slurm cluster up for tests/slurm and stops it after (if it
+# started it); off: pytest alone (a machine without root or apt; add PYTEST_ARGS='-m "not slurm"')
+SLURM ?= auto
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -25,8 +28,12 @@ install: $(BIN)/python  ## create .venv/ with psr and everything the tests need 
 demo:  ## the embedded tiny default end to end on CPU: psr-data -> psr-sft -> psr-rl -> psr-eval (~1 min)
 	bash scripts/quickstart.sh runs/quickstart
 
-test:  ## the test suite (CPU; what CI runs)
+test:  ## the test suite (CPU; what CI runs); starts the loopback Slurm cluster if needed and stops it after
+ifeq ($(SLURM),off)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+else
+	bash scripts/slurm_local.sh with $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+endif
 
 lint:  ## ruff lint + format check
 	$(BIN)/ruff check psr rewards data_pipeline tests benchmarks scripts
@@ -46,7 +53,7 @@ clean:  ## remove run outputs and caches
 	rm -rf runs outputs multirun .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: slurm-up slurm-down
-slurm-up:  ## install (apt) and start a one-node Slurm cluster on loopback, for tests/slurm (root)
+slurm-up:  ## install (apt) and start the one-node Slurm cluster on loopback and leave it running (root)
 	bash scripts/slurm_local.sh install
 	bash scripts/slurm_local.sh start
 

@@ -63,7 +63,7 @@ def compose(setting: dict[str, Any], args: argparse.Namespace, run_dir: str) -> 
 
     g = setting["G"]
     overrides = [
-        "experiment=quickstart",
+        "experiment/rl=quickstart",  # the Hydra group behind psr-rl experiment=quickstart
         f"run_dir={run_dir}",
         "resume=null",
         f"data.num_subjects=[{setting['refs']}]",
@@ -73,7 +73,7 @@ def compose(setting: dict[str, Any], args: argparse.Namespace, run_dir: str) -> 
         f"train.resolution={setting['res']}",
         f"train.prompts_per_step={args.prompts_per_step}",
         f"train.group_size={g}",
-        f"train.micro_batch={args.micro_batch or g}",
+        f"train.micro_batch_size={args.micro_batch or g}",
         f"train.mode={setting['mode']}",
         f"algo={setting['algo']}",
         f"sampler.num_steps={args.num_steps}",
@@ -136,7 +136,7 @@ def measure(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
                 if step == 1:  # drop the warm-up step
                     phases = Phases(device)
                 trainer.step = step
-                records = trainer.sampler.next_batch()
+                records = trainer.batches.next_batch()
                 trajs = phases("rollout", trainer.rollout, records, step)
                 scores = phases("reward", trainer.score, trajs, records)
                 metrics = phases("update", trainer.update, trajs, scores)

@@ -1,7 +1,7 @@
 """Time and memory of group rollouts vs references, resolution, SDE vs ODE and group size; and what
 conditioning once per group (prompt cache + references encoded once) saves over per-sample conditioning.
 
-Table 1, per (resolution, references, sampler kind, group size G): target tokens N, reference tokens
+Table 1, per (resolution, references, sampler method, group size G): target tokens N, reference tokens
 R, median time of one ``rollout`` of G samples (K steps + VAE decode; conditioning excluded, see table
 2), per sample, the bytes of the returned Trajectory (latents ``[G, K+1, N, C]`` fp32, log-probs,
 images: what an RL step keeps per group), and on CUDA the peak memory allocated during the rollout.
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-KINDS = ("ode", "flow_grpo", "dance", "cps")
+METHODS = ("ode", "flow_grpo", "dance", "cps")
 
 
 def sync(device: torch.device) -> None:
@@ -76,23 +76,23 @@ def inputs(n_refs: int, res: int, seed: int = 0) -> tuple[str, list[torch.Tensor
 
 
 def rollout_table(policy: Any, args: argparse.Namespace) -> None:
-    from psr.sampling.sampler import rollout
+    from psr.sampling.rollout import rollout
 
     device = torch.device(args.device)
     print(
-        f"{'res':>5} {'refs':>4} {'N':>6} {'R':>6} {'kind':>9} {'G':>3} {'rollout ms':>11} {'ms/sample':>10} "
+        f"{'res':>5} {'refs':>4} {'N':>6} {'R':>6} {'method':>9} {'G':>3} {'rollout ms':>11} {'ms/sample':>10} "
         f"{'traj MB':>8} {'peak MB':>8}"
     )
     for res in args.resolutions:
         for n_refs in args.refs:
             prompt, refs = inputs(n_refs, res)
             cond = policy.condition(prompt, refs, res, res)
-            for kind in args.kinds:
+            for method in args.methods:
                 for g in args.group_sizes:
                     gen = torch.Generator(device)
 
                     def run(
-                        g: int = g, kind: str = kind, gen: torch.Generator = gen, cond: Any = cond
+                        g: int = g, method: str = method, gen: torch.Generator = gen, cond: Any = cond
                     ) -> Any:
                         gen.manual_seed(0)
                         return rollout(
@@ -100,7 +100,7 @@ def rollout_table(policy: Any, args: argparse.Namespace) -> None:
                             cond,
                             g,
                             num_steps=args.num_steps,
-                            kind=kind,
+                            method=method,
                             noise_level=0.7,
                             generator=gen,
                         )
@@ -115,7 +115,7 @@ def rollout_table(policy: Any, args: argparse.Namespace) -> None:
                     )
                     print(
                         f"{res:>5} {n_refs:>4} {cond.num_target_tokens:>6} {cond.ref_tokens.shape[1]:>6} "
-                        f"{kind:>9} {g:>3} {ms:>11.1f} {ms / g:>10.1f} {trajectory_bytes(traj) / 2**20:>8.2f} "
+                        f"{method:>9} {g:>3} {ms:>11.1f} {ms / g:>10.1f} {trajectory_bytes(traj) / 2**20:>8.2f} "
                         f"{peak:>8.0f}",
                         flush=True,
                     )
@@ -123,7 +123,7 @@ def rollout_table(policy: Any, args: argparse.Namespace) -> None:
 
 
 def cache_table(policy: Any, args: argparse.Namespace) -> None:
-    from psr.sampling.sampler import rollout
+    from psr.sampling.rollout import rollout
 
     device = torch.device(args.device)
     res = args.resolutions[0]
@@ -150,15 +150,15 @@ def cache_table(policy: Any, args: argparse.Namespace) -> None:
 
             def once(g: int = g, prompt: str = prompt, refs: list = refs) -> Any:
                 cond = cold_condition(prompt, refs)
-                return rollout(policy, cond, g, num_steps=k, kind="ode")
+                return rollout(policy, cond, g, num_steps=k, method="ode")
 
             def per_sample_cond(g: int = g, prompt: str = prompt, refs: list = refs) -> Any:
                 conds = [cold_condition(prompt, refs) for _ in range(g)]
-                return rollout(policy, conds[0], g, num_steps=k, kind="ode")
+                return rollout(policy, conds[0], g, num_steps=k, method="ode")
 
             def naive(g: int = g, prompt: str = prompt, refs: list = refs) -> Any:
                 return [
-                    rollout(policy, cold_condition(prompt, refs), 1, num_steps=k, kind="ode")
+                    rollout(policy, cold_condition(prompt, refs), 1, num_steps=k, method="ode")
                     for _ in range(g)
                 ]
 
@@ -178,7 +178,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="target side in pixels")
     p.add_argument("--refs", type=int, nargs="+", default=[0, 1, 2, 4], help="references per prompt")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=["ode", "flow_grpo"], help="sampler kinds")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=["ode", "flow_grpo"],
+        help="sampler methods (sampler.method)",
+    )
     p.add_argument("--group-sizes", type=int, nargs="+", default=None, help="samples per group G")
     p.add_argument("--num-steps", type=int, default=None, help="K (default 28 with --flux-size, else 10)")
     p.add_argument("--repeats", type=int, default=5)
@@ -200,7 +206,7 @@ def main() -> None:
     model = "FLUX.1-size random" if args.flux_size else "tiny"
     print(
         f"# rollout: {model} model, {policy.dtype}, {args.num_steps} steps, {args.device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}; SDE kinds noise level 0.7 on every step"
+        f"{torch.get_num_threads()} threads, median of {args.repeats}; SDE methods noise level 0.7 on every step"
     )
     rollout_table(policy, args)
     if not args.no_cache_table:

@@ -113,7 +113,7 @@ def step(
     res: int,
 ) -> int:
     """One SFT step as the trainer takes it; returns the bytes of activations saved for backward."""
-    from psr.trainers.sft import stack_conditionings
+    from psr.models.policy import stack_conditionings
 
     device = policy.device
     conds = [policy.condition(p, r, res, res) for p, r in zip(prompts, refs, strict=True)]

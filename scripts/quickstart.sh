@@ -15,14 +15,14 @@ echo "== 1/4 psr-data: synthetic multi-subject records -> $OUT/data"
 MANIFEST="$OUT/data/export/manifest.jsonl"
 
 echo "== 2/4 psr-sft: multi-reference SFT of tiny FLUX Kontext -> $OUT/sft"
-"$BIN/psr-sft" experiment=sft_quickstart data.manifest="$MANIFEST" hydra.run.dir="$OUT/sft"
+"$BIN/psr-sft" experiment=quickstart data.manifest="$MANIFEST" hydra.run.dir="$OUT/sft"
 
 echo "== 3/4 psr-rl: GRPO from the SFT model with the colour reward -> $OUT/rl"
 "$BIN/psr-rl" experiment=quickstart data=manifest data.manifest="$MANIFEST" data.heldout=2 \
   init_from="$OUT/sft" hydra.run.dir="$OUT/rl"
 
 echo "== 4/4 psr-eval: the RL model on the held-out records -> $OUT/eval"
-"$BIN/psr-eval" experiment=eval_quickstart data=manifest data.manifest="$MANIFEST" data.heldout=2 \
+"$BIN/psr-eval" experiment=quickstart data=manifest data.manifest="$MANIFEST" data.heldout=2 \
   eval.split=heldout checkpoint="$OUT/rl" hydra.run.dir="$OUT/eval"
 
 cat <<MSG

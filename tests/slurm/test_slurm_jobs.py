@@ -28,11 +28,11 @@ TINY_RL = (
     "train.grid_every=0",
     "train.group_size=2",
     "train.prompts_per_step=1",
-    "train.micro_batch=2",
+    "train.micro_batch_size=2",
     "train.resolution=32",
     "sampler.num_steps=3",
 )
-TINY_SFT = ("experiment=sft_quickstart", "data=synthetic", "validation.every=0")
+TINY_SFT = ("experiment=quickstart", "data=synthetic", "validation.every=0")
 
 
 def test_rl_two_tasks(slurm: Slurm) -> None:
@@ -93,7 +93,7 @@ def test_data_array_matches_one_process(slurm: Slurm, tmp_path: Path) -> None:
 def test_eval_two_tasks_matches_one_process(slurm: Slurm, tmp_path: Path) -> None:
     """eval.sbatch with 2 tasks splits the records between its ranks and writes the scores and the
     summary one local process writes, sample for sample."""
-    overrides = ("experiment=eval_quickstart", "data.num_records=5", "eval.resolution=32", "eval.num_steps=3")
+    overrides = ("experiment=quickstart", "data.num_records=5", "eval.resolution=32", "eval.num_steps=3")
     job = slurm.sbatch("eval.sbatch", "--ntasks-per-node=2", overrides=overrides)
     single = tmp_path / "single"
     done = subprocess.run(
