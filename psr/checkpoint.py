@@ -19,7 +19,7 @@ be on a filesystem all ranks see); rank 0 writes the shared files, each rank its
 ``barrier`` (a callable, e.g. ``engine.barrier``) orders the phases.
 
 Two layers: :func:`save_checkpoint` / :func:`load_checkpoint` know nothing of engines (tensors, dicts,
-a rank and a world size); :func:`save_training_checkpoint` and :func:`load_initial_weights` are what
+a rank and a world size); :func:`save_training_checkpoint` and :func:`psr.resume.load_initial_weights` are what
 trainers call, with the policy and the engine; :mod:`psr.resume` decides what a restarted run resumes::
 
     resumed = load_resume(cfg.resume, ckpt_root, "psr-sft", rank)   # auto | None | a path
@@ -65,7 +65,6 @@ __all__ = [
     "set_aside",
     "CorruptCheckpointError",
     "checkpoint_or_stop",
-    "load_initial_weights",
     "rng_state",
     "restore_rng",
 ]
@@ -84,7 +83,7 @@ class CorruptCheckpointError(RuntimeError):
     """A file of a complete checkpoint cannot be read (truncated, overwritten, bad disk)."""
 
 
-def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+def read_checkpoint_file(path: Path, reader: Callable[[Path], Any]) -> Any:
     """``reader(path)``, with any failure to read reported as the file that failed."""
     try:
         return reader(path)
@@ -95,7 +94,7 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
         ) from err
 
 
-def _torch_load(path: Path) -> Any:
+def load_torch_file(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -321,16 +320,16 @@ def load_checkpoint(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    state = _read(path / STATE, _torch_load)
+    state = read_checkpoint_file(path / STATE, load_torch_file)
     rng_path = path / _rng_file(rank)
     return {
         "path": path,
         "step": int(state["step"]),
-        "meta": _read(path / META, lambda p: json.loads(p.read_text())),
-        "trainable": _read(path / WEIGHTS, lambda p: load_file(str(p))),
+        "meta": read_checkpoint_file(path / META, lambda p: json.loads(p.read_text())),
+        "trainable": read_checkpoint_file(path / WEIGHTS, lambda p: load_file(str(p))),
         "training_state": state["training_state"],
         "data_state": state["data_state"],
-        "rng": _read(rng_path, _torch_load) if rng_path.is_file() else None,
+        "rng": read_checkpoint_file(rng_path, load_torch_file) if rng_path.is_file() else None,
     }
 
 
@@ -340,7 +339,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict[str, Any]:
     path = Path(path).resolve()
     digest = hashlib.sha256()
     for name in (META, COMPLETE):
-        digest.update(_read(path / name, lambda p: p.read_bytes()))
+        digest.update(read_checkpoint_file(path / name, lambda p: p.read_bytes()))
     return {"path": str(path), "step": int(path.name.split("_")[-1]), "sha256": digest.hexdigest()}
 
 
@@ -402,7 +401,7 @@ def save_training_checkpoint(
     """Full training state at ``step`` (collective): weights, optimizer, schedule, EMA, RNG, data position.
 
     ``training_state`` holds ``{"engine": engine.state_dict(), "trainer": extra, "model": {"mode",
-    "init_from", "init_from_fingerprint", "lora"}}`` (what :func:`load_initial_weights` needs). With ``export_lora`` (LoRA runs
+    "init_from", "init_from_fingerprint", "lora"}}`` (what :func:`psr.resume.load_initial_weights` needs). With ``export_lora`` (LoRA runs
     only: full weights are in ``trainable.safetensors`` already) a diffusers-format
     ``lora/pytorch_lora_weights.safetensors`` is written next to it, from the EMA weights when the
     engine keeps an EMA (what inference should use), else from the live weights.
@@ -480,75 +479,3 @@ def find_checkpoint(path: str | os.PathLike, key: str = "init_from") -> Path:
         if latest is not None:
             return latest
     raise FileNotFoundError(f"{key}={path}: no complete checkpoint there, nor under {p / 'checkpoints'}")
-
-
-@torch.no_grad()
-def load_initial_weights(
-    policy: Any,
-    path: str | os.PathLike,
-    *,
-    use_ema: bool = True,
-    fingerprint: dict[str, Any] | None = None,
-    key: str = "init_from",
-    _depth: int = 0,
-) -> Path:
-    """Start ``policy`` from the weights of an SFT (or RL) checkpoint; what ``init_from=`` does.
-
-    ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint). A LoRA
-    checkpoint is **merged** into the transformer's base weights (:func:`psr.models.lora.merge_lora`,
-    ``W += (alpha / r) B A``); a full checkpoint replaces them. Adapters already on ``policy`` (e.g.
-    the fresh RL LoRA) are left as they are, so the adapted model starts equal to the checkpoint's
-    model and the adapters-disabled reference policy is that model too. With ``use_ema`` the
-    checkpoint's EMA weights are used when it has them. A LoRA run that itself started from
-    ``init_from`` (RL on an SFT run) recorded it: that model is loaded first, then this run's delta.
-
-    With ``fingerprint`` (a :func:`checkpoint_fingerprint`: a run pins its ``init_from`` checkpoint at
-    its first start) exactly that checkpoint is read, and a missing or changed one is an error; a
-    checkpoint whose run recorded the fingerprint of its own ``init_from`` is checked the same way.
-
-    ``key`` is the setting that named ``path`` (``init_from``; psr-eval's ``checkpoint``), for messages.
-
-    Returns:
-        The checkpoint directory that was read.
-    """
-    from safetensors.torch import load_file
-
-    from psr.models.lora import merge_lora
-
-    ckpt_dir = (
-        find_checkpoint(path, key) if fingerprint is None else check_fingerprint(fingerprint, f"{key}={path}")
-    )
-    state = _read(ckpt_dir / STATE, _torch_load)["training_state"]
-    weights = _read(ckpt_dir / WEIGHTS, lambda p: load_file(str(p)))
-    ema = state["engine"].get("ema")
-    if use_ema and ema is not None:
-        weights = ema["shadow"]
-    meta = state.get("model") or {}
-    if meta.get("mode") == "lora" and meta.get("init_from"):
-        # this run's LoRA is a delta on the model it started from (e.g. RL on SFT): that one first
-        if _depth >= 8:
-            raise ValueError(f"{ckpt_dir}: init_from chain longer than 8 checkpoints (a cycle?)")
-        pinned = meta.get("init_from_fingerprint")
-        load_initial_weights(
-            policy, meta["init_from"], use_ema=use_ema, fingerprint=pinned, _depth=_depth + 1
-        )
-    transformer = policy.transformer
-    if meta.get("mode") == "lora":
-        scale = float(meta["lora"]["alpha"]) / int(meta["lora"]["rank"])
-        merge_lora(transformer, weights, scale, source=str(ckpt_dir))
-    elif meta.get("mode") == "full":
-        base = {
-            k.replace(".base_layer.", "."): v
-            for k, v in transformer.state_dict(keep_vars=True).items()
-            if "lora_" not in k
-        }
-        missing, unknown = sorted(set(base) - set(weights)), sorted(set(weights) - set(base))
-        if missing or unknown:
-            raise KeyError(
-                f"{ckpt_dir}: full checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
-            )
-        for k, v in weights.items():
-            base[k].copy_(v.to(base[k].dtype))
-    else:
-        raise ValueError(f"{ckpt_dir}: checkpoint has no model metadata (mode lora | full)")
-    return ckpt_dir

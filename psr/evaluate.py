@@ -38,12 +38,13 @@ from PIL import Image
 from torch import Tensor
 
 from psr import distributed
-from psr.checkpoint import checkpoint_fingerprint, find_checkpoint, load_initial_weights
+from psr.checkpoint import checkpoint_fingerprint, find_checkpoint
 from psr.config import EvalSettings, settings
 from psr.data.dataset import PromptDataset, PromptRecord, open_image, to_tensor
 from psr.data.sources import load_records
 from psr.logging import make_grid, progress
 from psr.models.lora import merge_lora, read_diffusers_lora
+from psr.resume import load_initial_weights
 from psr.runlock import lock_run_dir
 from psr.sampling.rollout import initial_noise, rollout
 from psr.seeding import derive_seed

@@ -1,4 +1,5 @@
-"""What a restarted run resumes, and the checks that keep it exactly the run it started as.
+"""What a run starts from (``init_from``: :func:`load_initial_weights`) and what a restarted run
+resumes, and the checks that keep it exactly the run it started as.
 
 A trainer's ``setup()`` calls, in order::
 
@@ -24,24 +25,31 @@ A trainer's ``setup()`` calls, in order::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from psr.checkpoint import (
+    STATE,
+    WEIGHTS,
     CorruptCheckpointError,
     check_fingerprint,
     checkpoint_fingerprint,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_torch_file,
     load_training_checkpoint,
+    read_checkpoint_file,
     resolve_resume,
     set_aside,
 )
 
 __all__ = [
+    "load_initial_weights",
     "RESUME_MAY_CHANGE",
     "FIRST_CONFIG",
     "load_resume",
@@ -224,3 +232,75 @@ def finish_resume(
             print(f"{name}: resumed from {resumed['path']} at step {state['step']}", flush=True)  # type: ignore[index]
     engine.barrier()
     return state
+
+
+@torch.no_grad()
+def load_initial_weights(
+    policy: Any,
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    fingerprint: dict[str, Any] | None = None,
+    key: str = "init_from",
+    _depth: int = 0,
+) -> Path:
+    """Start ``policy`` from the weights of an SFT (or RL) checkpoint; what ``init_from=`` does.
+
+    ``path`` is a checkpoint directory, or a run directory (its newest complete checkpoint). A LoRA
+    checkpoint is **merged** into the transformer's base weights (:func:`psr.models.lora.merge_lora`,
+    ``W += (alpha / r) B A``); a full checkpoint replaces them. Adapters already on ``policy`` (e.g.
+    the fresh RL LoRA) are left as they are, so the adapted model starts equal to the checkpoint's
+    model and the adapters-disabled reference policy is that model too. With ``use_ema`` the
+    checkpoint's EMA weights are used when it has them. A LoRA run that itself started from
+    ``init_from`` (RL on an SFT run) recorded it: that model is loaded first, then this run's delta.
+
+    With ``fingerprint`` (a :func:`checkpoint_fingerprint`: a run pins its ``init_from`` checkpoint at
+    its first start) exactly that checkpoint is read, and a missing or changed one is an error; a
+    checkpoint whose run recorded the fingerprint of its own ``init_from`` is checked the same way.
+
+    ``key`` is the setting that named ``path`` (``init_from``; psr-eval's ``checkpoint``), for messages.
+
+    Returns:
+        The checkpoint directory that was read.
+    """
+    from safetensors.torch import load_file
+
+    from psr.models.lora import merge_lora
+
+    ckpt_dir = (
+        find_checkpoint(path, key) if fingerprint is None else check_fingerprint(fingerprint, f"{key}={path}")
+    )
+    state = read_checkpoint_file(ckpt_dir / STATE, load_torch_file)["training_state"]
+    weights = read_checkpoint_file(ckpt_dir / WEIGHTS, lambda p: load_file(str(p)))
+    ema = state["engine"].get("ema")
+    if use_ema and ema is not None:
+        weights = ema["shadow"]
+    meta = state.get("model") or {}
+    if meta.get("mode") == "lora" and meta.get("init_from"):
+        # this run's LoRA is a delta on the model it started from (e.g. RL on SFT): that one first
+        if _depth >= 8:
+            raise ValueError(f"{ckpt_dir}: init_from chain longer than 8 checkpoints (a cycle?)")
+        pinned = meta.get("init_from_fingerprint")
+        load_initial_weights(
+            policy, meta["init_from"], use_ema=use_ema, fingerprint=pinned, _depth=_depth + 1
+        )
+    transformer = policy.transformer
+    if meta.get("mode") == "lora":
+        scale = float(meta["lora"]["alpha"]) / int(meta["lora"]["rank"])
+        merge_lora(transformer, weights, scale, source=str(ckpt_dir))
+    elif meta.get("mode") == "full":
+        base = {
+            k.replace(".base_layer.", "."): v
+            for k, v in transformer.state_dict(keep_vars=True).items()
+            if "lora_" not in k
+        }
+        missing, unknown = sorted(set(base) - set(weights)), sorted(set(weights) - set(base))
+        if missing or unknown:
+            raise KeyError(
+                f"{ckpt_dir}: full checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
+            )
+        for k, v in weights.items():
+            base[k].copy_(v.to(base[k].dtype))
+    else:
+        raise ValueError(f"{ckpt_dir}: checkpoint has no model metadata (mode lora | full)")
+    return ckpt_dir

@@ -291,7 +291,8 @@ class RunLock:
         current = self._read(wait=0.0)
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
-        else:
+        elif current is None or (current.host, current.pid) != (self.holder.host, self.holder.pid):
+            # (a later lock of this same process, e.g. a second trainer after a failed set-up: its own)
             log.warning("%s: the lock %s is no longer this process's; left as it is", self.command, self.path)
         self.holder = None
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from rewards.base import RewardInputs, Subject, check_images
+from rewards.boxes import box_iou, nms
 from rewards.detectors import Detections, Detector
 
 __all__ = ["StatedRelation", "parse_relation", "relation_holds", "SpatialReward", "RELATIONS"]
@@ -102,14 +103,6 @@ def parse_relation(
     return found[0][3], None
 
 
-def _iou(a: Tensor, b: Tensor) -> float:
-    ax0, ay0, ax1, ay1 = a.tolist()
-    bx0, by0, bx1, by1 = b.tolist()
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def relation_holds(
     relation: str,
     box_a: Sequence[float] | Tensor,
@@ -124,7 +117,7 @@ def relation_holds(
         raise ValueError(f"relation_holds: relation={relation!r}; expected one of {RELATIONS}")
     a = torch.as_tensor([float(v) for v in box_a], dtype=torch.float64)
     b = torch.as_tensor([float(v) for v in box_b], dtype=torch.float64)
-    if _iou(a, b) > iou_max:
+    if box_iou(a, b) > iou_max:
         return False
     size_a, size_b = a[2:] - a[:2], b[2:] - b[:2]
     if relation == "next to":
@@ -168,12 +161,10 @@ class SpatialReward:
         )
 
     def _best(self, dets: Detections, label: int, k: int) -> Tensor:
-        from torchvision.ops import nms
-
         sel = dets.select(dets.labels == label)
         if len(sel) == 0:
             return sel.boxes
-        keep = nms(sel.boxes.float(), sel.scores.float(), self.nms_iou)
+        keep = nms(sel.boxes, sel.scores, self.nms_iou).to(sel.boxes.device)
         return sel.boxes[keep][:k]
 
     @torch.no_grad()

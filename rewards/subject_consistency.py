@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rewards.base import RewardInputs, check_images
+from rewards.boxes import nms
 from rewards.detectors import Detections, Detector
 from rewards.embedders import Embedder
 from rewards.imaging import crop_box
@@ -160,9 +161,7 @@ class SubjectConsistencyReward:
         order = sel.scores.argsort(descending=True)
         boxes, scores = sel.boxes[order], sel.scores[order]
         if self.nms_iou is not None and len(boxes) > 1:
-            from torchvision.ops import nms
-
-            keep = nms(boxes.float(), scores.float(), self.nms_iou)  # indices sorted by score
+            keep = nms(boxes, scores, self.nms_iou).to(boxes.device)  # indices sorted by score
             boxes = boxes[keep]
         budget = needed if self.assignment == "order" else max(self.max_candidates, needed)
         return boxes[

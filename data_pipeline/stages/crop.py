@@ -26,25 +26,7 @@ from data_pipeline.images import expand_box, load_image, save_png, to_tensor
 from data_pipeline.models import describe
 from data_pipeline.shards import Outcome, Shard, reject
 from data_pipeline.stages.common import build, image_path, open_run, stage_inputs
-
-
-def iou(a: Any, b: Any) -> float:
-    """Intersection over union of two xyxy boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
-    """Greedy non-maximum suppression: indices kept, best score first."""
-    order = list(np.argsort(-scores, kind="stable"))
-    keep: list[int] = []
-    for i in order:
-        if all(iou(boxes[i], boxes[j]) <= threshold for j in keep):
-            keep.append(int(i))
-    return keep
+from rewards.boxes import box_iou, nms
 
 
 def locate(
@@ -72,7 +54,7 @@ def locate(
     found, conf = [], []
     for k, cat in enumerate(categories):
         idx = np.flatnonzero(labels == k)
-        kept = [idx[i] for i in nms(boxes[idx], scores[idx], nms_iou)] if len(idx) else []
+        kept = [idx[i] for i in nms(boxes[idx], scores[idx], nms_iou).tolist()] if len(idx) else []
         if len(kept) != 1:
             return f"{cat!r} found {len(kept)} times (need exactly 1)"
         box = [float(v) for v in boxes[kept[0]]]
@@ -82,7 +64,7 @@ def locate(
         conf.append(float(scores[kept[0]]))
     for a in range(len(found)):
         for b in range(a + 1, len(found)):
-            o = iou(found[a], found[b])
+            o = box_iou(found[a], found[b])
             if o > max_overlap:
                 return (
                     f"boxes of {categories[a]!r} and {categories[b]!r} overlap (IoU {o:.2f} > {max_overlap})"

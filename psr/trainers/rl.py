@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from psr.checkpoint import checkpoint_or_stop, load_initial_weights, save_training_checkpoint
+from psr.checkpoint import checkpoint_or_stop, save_training_checkpoint
 from psr.config import OptimSettings, RLTrainSettings, SamplerSettings, check_schedule, settings
 from psr.data.dataset import BatchStream, PromptDataset, PromptRecord
 from psr.data.sources import load_records
@@ -31,7 +31,7 @@ from psr.objectives.accumulate import merge_metrics
 from psr.objectives.advantages import component_weights, reward_components
 from psr.objectives.protocol import ANOTHER_RANK, Objective, StepRewards, UpdateResult
 from psr.preemption import PreemptionHandler
-from psr.resume import finish_resume, load_resume, pin_init_from
+from psr.resume import finish_resume, load_initial_weights, load_resume, pin_init_from
 from psr.runlock import lock_run_dir
 from psr.sampling.rollout import rollout
 from psr.seeding import derive_seed, seed_everything

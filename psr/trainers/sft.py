@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from psr.checkpoint import checkpoint_or_stop, load_initial_weights, save_training_checkpoint
+from psr.checkpoint import checkpoint_or_stop, save_training_checkpoint
 from psr.config import (
     DatasetSettings,
     LoaderSettings,
@@ -43,7 +43,7 @@ from psr.logging import MetricLogger, StepTimer, build_logger, make_grid, progre
 from psr.models.lora import make_trainable
 from psr.models.policy import stack_conditionings
 from psr.preemption import PreemptionHandler
-from psr.resume import finish_resume, load_resume, pin_init_from
+from psr.resume import finish_resume, load_initial_weights, load_resume, pin_init_from
 from psr.runlock import lock_run_dir
 from psr.seeding import derive_seed, seed_everything
 from psr.trainers import resolve_run_dir, run_trainer

@@ -86,9 +86,9 @@ def test_init_from_is_pinned_at_the_first_start_and_psr_eval_refuses_to_mix(tmp_
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from psr.checkpoint import load_initial_weights
     from psr.evaluate import main as evaluate
     from psr.models.builders import tiny_flux_kontext
+    from psr.resume import load_initial_weights
     from psr.trainers.rl import main
 
     source, target, scores = tmp_path / "source", tmp_path / "target", tmp_path / "eval"

@@ -404,8 +404,8 @@ def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
 def test_init_from_survives_resume(quickstart_run, tmp_path):
     """``init_from`` is the base of fresh and resumed runs alike: after a resume the adapters-disabled
     model is still the init_from model (its LoRA merged), not the untrained one."""
-    from psr.checkpoint import load_initial_weights
     from psr.models.builders import tiny_flux_kontext
+    from psr.resume import load_initial_weights
     from psr.trainers.rl import main
 
     _, source = quickstart_run
@@ -485,8 +485,8 @@ def test_a_rank_without_work_still_runs_the_collective_steps(tmp_path, monkeypat
 def test_full_fine_tuning_checkpoints_and_init_from(tmp_path):
     """train.mode=full with the default export_lora: checkpoints hold the full weights (no LoRA
     export), and init_from of that run loads them as the base of the next run."""
-    from psr.checkpoint import load_initial_weights
     from psr.models.builders import tiny_flux_kontext
+    from psr.resume import load_initial_weights
     from psr.trainers.rl import main
 
     main(compose(tmp_path / "full", "train.mode=full", "train.export_lora=true", "train.steps=2"))
@@ -508,8 +508,8 @@ def test_full_fine_tuning_checkpoints_and_init_from(tmp_path):
 def test_a_checkpoint_of_a_run_started_from_init_from_rebuilds_the_whole_chain(quickstart_run, tmp_path):
     """RL on top of an earlier run: its LoRA is a delta on that model, and loading the RL checkpoint
     (psr-eval checkpoint=..., init_from=...) applies the earlier run first, then the delta."""
-    from psr.checkpoint import load_initial_weights
     from psr.models.builders import tiny_flux_kontext
+    from psr.resume import load_initial_weights
     from psr.trainers.rl import RLTrainer
 
     _, source = quickstart_run

@@ -100,8 +100,8 @@ def test_overfits_four_records(tmp_path):
     the step-to-step noise of the flow-matching loss. Measured: 5.3 -> 1.5-1.7 (ratio 0.28-0.33); a
     trainer that does not learn, or scores the wrong tokens, stays near 1.
     """
-    from psr.checkpoint import load_initial_weights
     from psr.data.dataset import SampleKey, collate_sft
+    from psr.resume import load_initial_weights
 
     trainer = trainer_for(
         tmp_path,
@@ -261,9 +261,9 @@ def test_lora_export_loads_in_flux_kontext_pipeline(quickstart_run):
 
 def test_init_from_merges_sft_lora_under_a_new_adapter(quickstart_run):
     """What psr-rl does with init_from=<SFT run>: a fresh RL LoRA, the SFT LoRA merged into the base."""
-    from psr.checkpoint import load_initial_weights
     from psr.models.builders import tiny_flux_kontext
     from psr.models.lora import add_lora
+    from psr.resume import load_initial_weights
 
     cfg, run_dir, _ = quickstart_run
     sft = _trained_policy(cfg, run_dir)
