@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "recover_interrupted_saves",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -266,6 +267,32 @@ def _prune(root: Path, keep_last: int | None) -> None:
         return
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
+
+
+def recover_interrupted_saves(ckpt_root: str | Path) -> list[str]:
+    """Finish or undo what a save killed mid-way left under ``ckpt_root``; returns what was done.
+
+    A re-save of an existing step moves the old directory to ``.old-step_N`` before publishing
+    ``.tmp-step_N``: killed between the two renames, the step has no directory. The complete new
+    one is published if it is there, else the old one is put back. Every ``.tmp-step_*`` left
+    (an unfinished save) is then deleted. Call it on one rank, while holding the run's lock.
+    """
+    root = Path(ckpt_root)
+    done: list[str] = []
+    for old in sorted(root.glob(".old-step_*")):
+        final = root / old.name[len(".old-") :]
+        tmp = root / f".tmp-{final.name}"
+        if not final.exists():
+            source = tmp if (tmp / COMPLETE).is_file() else old
+            os.replace(source, final)
+            done.append(
+                f"{final.name}: published {'the finished save' if source is tmp else 'the previous one'}"
+            )
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(root.glob(".tmp-step_*")):
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"removed the unfinished {stale.name}")
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- find, load

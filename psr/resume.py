@@ -44,6 +44,7 @@ from psr.checkpoint import (
     load_torch_file,
     load_training_checkpoint,
     read_checkpoint_file,
+    recover_interrupted_saves,
     resolve_resume,
     set_aside,
 )
@@ -103,8 +104,12 @@ def load_resume(resume: str | None, ckpt_root: Path, name: str, rank: int = 0) -
     Raises:
         CorruptCheckpointError: a named checkpoint, or under ``auto`` every one, cannot be read.
     """
-    from psr.distributed import all_gather_object
+    from psr.distributed import all_gather_object, barrier
 
+    if rank == 0:  # the run's lock is held: what a killed save left is this run's own
+        for line in recover_interrupted_saves(ckpt_root):
+            print(f"{name}: {ckpt_root}: {line}", flush=True)
+    barrier()
     if str(resume) != "auto":
         path = resolve_resume(resume, ckpt_root)
         return None if path is None else load_checkpoint(path, rank=rank)

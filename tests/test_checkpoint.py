@@ -3,6 +3,7 @@ preemption signals."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -167,6 +168,38 @@ def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
     for name, tensor in engine.trainable_state_dict().items():
         assert torch.equal(saved[name], tensor)
     assert not list(tmp_path.glob(".old-*"))
+
+
+@pytest.mark.parametrize("new_save_finished", [True, False])
+def test_a_resave_killed_between_its_renames_is_recovered(tmp_path: Path, new_save_finished: bool) -> None:
+    """A re-save of step 4 killed after moving the old directory aside and before publishing the new
+    one leaves no step_00000004: the next start publishes the finished new save, or puts the old one
+    back, and removes the leftovers (a real kill at that point, reproduced by making the renames)."""
+    engine = _engine()
+    _save(engine, tmp_path, 2)
+    _save(engine, tmp_path, 4)
+    before = ckpt.load_checkpoint(tmp_path / "step_00000004")["trainable"]
+    _step(engine)
+    _save(engine, tmp_path / "next", 4)  # the re-save's complete content, made aside
+    after = ckpt.load_checkpoint(tmp_path / "next" / "step_00000004")["trainable"]
+    os.replace(tmp_path / "step_00000004", tmp_path / ".old-step_00000004")
+    os.replace(tmp_path / "next" / "step_00000004", tmp_path / ".tmp-step_00000004")
+    if not new_save_finished:
+        (tmp_path / ".tmp-step_00000004" / ckpt.COMPLETE).unlink()
+    (tmp_path / ".tmp-step_00000006").mkdir()  # an unfinished save of a later step
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000002"  # step 4 is lost until recovered
+    done = ckpt.recover_interrupted_saves(tmp_path)
+    published = "the finished save" if new_save_finished else "the previous one"
+    removed = [".tmp-step_00000006"] if new_save_finished else [".tmp-step_00000004", ".tmp-step_00000006"]
+    assert done == [f"step_00000004: published {published}"] + [
+        f"removed the unfinished {n}" for n in removed
+    ]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
+    got = ckpt.load_checkpoint(tmp_path / "step_00000004")["trainable"]
+    expected = after if new_save_finished else before
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the two saves differ
+    assert not [p.name for p in tmp_path.glob(".*-step_*")]
 
 
 def test_resolve_resume(tmp_path: Path) -> None:
