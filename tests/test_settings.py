@@ -84,6 +84,29 @@ def test_the_rl_trainer_refuses_bad_settings_before_building_anything(tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sampler=ode"], r"sampler\.method=ode takes no stochastic step"),
+        (["sampler.noise_level=0"], r"sampler\.noise_level=0 makes every step deterministic"),
+    ],
+)
+def test_grpo_refuses_a_sampler_without_sde_steps_dpo_does_not(tmp_path, overrides, message):
+    """GRPO trains on SDE log-probs: with none, no run would ever update. DPO re-noises final images."""
+    from psr.trainers.rl import RLTrainer
+
+    base = ["experiment/rl=quickstart", "data.num_records=6", "data.image_size=32", "train.resolution=32"]
+    trainer = RLTrainer(compose("rl", [f"run_dir={tmp_path / 'grpo'}", *base, *overrides]))
+    try:
+        with pytest.raises(ValueError, match=message):
+            trainer.setup()
+    finally:
+        trainer.run_lock.release()
+    dpo = RLTrainer(compose("rl", [f"run_dir={tmp_path / 'dpo'}", *base, "algo=dpo", *overrides]))
+    dpo.setup()
+    dpo.cleanup()
+
+
 def test_the_sft_trainer_and_the_evaluator_read_typed_sections(tmp_path):
     from psr.evaluate import Evaluator
     from psr.trainers.sft import SFTTrainer

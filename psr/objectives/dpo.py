@@ -302,6 +302,11 @@ class DPOObjective:
         """Whether the update runs the reference policy (always: the DPO loss compares with it)."""
         return True
 
+    @property
+    def needs_sde_steps(self) -> bool:
+        """Never: pairs are scored on the final images, re-noised at fresh times (ODE rollouts serve)."""
+        return False
+
     def update(
         self,
         policy: FlowPolicy,

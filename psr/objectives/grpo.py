@@ -290,6 +290,11 @@ class GRPOObjective:
         """Whether the update runs the reference policy (the KL term)."""
         return self.beta > 0
 
+    @property
+    def needs_sde_steps(self) -> bool:
+        """Always: the ratios are those of the log-probs of SDE steps."""
+        return True
+
     def advantages(self, rewards: StepRewards) -> tuple[Tensor, dict[str, float]]:
         """Advantages of every sample of the step (``[B_all]``) and their ``adv/*`` metrics.
 

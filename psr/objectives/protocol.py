@@ -116,6 +116,12 @@ class Objective(Protocol):
         full fine-tuning the trainer then keeps a frozen copy of the transformer."""
         ...
 
+    @property
+    def needs_sde_steps(self) -> bool:
+        """Whether :meth:`update` trains on the log-probs of stochastic rollout steps (the trainer
+        refuses a sampler without any: ``sampler.method=ode`` or a zero noise level)."""
+        ...
+
     def update(
         self,
         policy: FlowPolicy,

@@ -99,6 +99,7 @@ class RLTrainer:
         # read before the model is built: a resumed checkpoint fixes the init_from checkpoint it starts from
         self.resumed = load_resume(cfg.resume, self.ckpt_root, "psr-rl", self.engine.rank)
         self.objective = self._build_objective(cfg.algo)
+        self._check_sampler_serves_objective()
         self.policy, params = self._setup_policy(cfg.model, cfg.init_from)
         self._setup_engine(params)
         self.reward = build_reward(cfg.reward, cfg.reward_device or self.engine.device)
@@ -160,6 +161,24 @@ class RLTrainer:
             micro_batch_size=self.train_settings.micro_batch_size,
             inner_epochs=self.train_settings.inner_epochs,
         )
+
+    def _check_sampler_serves_objective(self) -> None:
+        """A run whose objective trains on SDE steps that the sampler never takes would never update."""
+        if not self.objective.needs_sde_steps:
+            return
+        s = self.sampling  # (an empty sampler.sde_window is refused with the other sampler settings)
+        problem = (
+            "sampler.method=ode takes no stochastic step"
+            if s.method == "ode"
+            else f"sampler.noise_level={s.noise_level:g} makes every step deterministic"
+            if s.noise_level == 0
+            else None
+        )
+        if problem:
+            raise ValueError(
+                f"psr-rl: {problem}, and {type(self.objective).__name__} trains on the log-probs of SDE "
+                f"steps: nothing would ever update (use sampler=sde with noise_level > 0, or algo=dpo)"
+            )
 
     def _resume(self, cfg: DictConfig) -> None:
         """Restore the checkpoint :func:`~psr.resume.load_resume` read (after checking this start's config
