@@ -25,6 +25,13 @@ Optional terms, off by default (weights 0): cross-subject leakage (the highest s
 subject's crop to another subject's reference, subtracted with ``leakage_weight``) and the identity
 margin (own similarity minus that highest other, added with ``margin_weight``).
 
+Optional rescaling, off by default (``sigmoid_k=None``): the sample score ``s`` becomes
+``sigmoid(k (s - sigmoid_tau))`` with ``k = sigmoid_k (1 + sigmoid_k_per_reference (n - 1))`` for a
+sample of n references (:func:`sigmoid_rescale`). It applies to the final score, not to each
+subject: the mean over n subjects varies less than one similarity does, so the slope grows with n
+to keep spreading the scores of a group apart; the per-subject values stay raw cosines
+(``subject_<i>``) and the score before rescaling is reported as ``similarity``.
+
 Cost: one detector forward over the B images and the distinct references together (two when
 ``reference_detector`` is separate), and one embedder forward over all crops; both grow linearly
 with the number of subjects (crops), the Hungarian step is negligible.
@@ -43,7 +50,7 @@ from rewards.detectors import Detections, Detector
 from rewards.embedders import Embedder
 from rewards.imaging import crop_box
 
-__all__ = ["SubjectConsistencyReward", "psrbench_score", "assign"]
+__all__ = ["SubjectConsistencyReward", "psrbench_score", "assign", "sigmoid_rescale"]
 
 ASSIGNMENTS = ("hungarian", "order")
 MISSING_REFERENCE = ("full_image", "penalty")
@@ -94,6 +101,30 @@ def assign(similarity: Tensor, method: str = "hungarian") -> list[tuple[int, int
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
 
 
+def sigmoid_rescale(
+    score: Tensor, num_references: Tensor, *, k: float, tau: float, k_per_reference: float
+) -> Tensor:
+    """``sigmoid(k_n (score - tau))`` with ``k_n = k (1 + k_per_reference (n - 1))``.
+
+    A steep sigmoid around ``tau`` spreads scores near the threshold apart and flattens the far
+    ends; the slope grows with the number of references n because a mean over more subjects
+    spreads less. ``k_per_reference = 1`` makes ``k_n = k n``; 0 keeps one slope for every n.
+
+    Args:
+        score: ``[B]`` scores (NaN stays NaN).
+        num_references: ``[B]`` references per sample (>= 1 where the score is not NaN).
+        k: slope for one reference, > 0.
+        tau: the score mapped to 0.5.
+        k_per_reference: growth of the slope per extra reference, >= 0.
+
+    Returns:
+        ``[B]`` in (0, 1), in ``score``'s dtype.
+    """
+    n = num_references.to(score.dtype)
+    slope = k * (1.0 + k_per_reference * (n - 1.0))
+    return torch.sigmoid(slope * (score - tau))
+
+
 class SubjectConsistencyReward:
     """The PSR reward; see the module docstring.
 
@@ -111,6 +142,10 @@ class SubjectConsistencyReward:
             count), highest scores first.
         leakage_weight, margin_weight: weights of the optional terms (>= 0; 0 = off and not reported).
         max_subjects: ``subject_<i>``/``detected_<i>`` are reported for i = 1..max(this, most in batch).
+        sigmoid_k: slope k > 0 of the optional rescaling of the score for one reference
+            (:func:`sigmoid_rescale`); None: off.
+        sigmoid_tau: the score mapped to 0.5 by the rescaling.
+        sigmoid_k_per_reference: growth of the slope per extra reference (>= 0; 1: k times n).
     """
 
     def __init__(
@@ -128,6 +163,9 @@ class SubjectConsistencyReward:
         leakage_weight: float = 0.0,
         margin_weight: float = 0.0,
         max_subjects: int = 4,
+        sigmoid_k: float | None = None,
+        sigmoid_tau: float = 0.5,
+        sigmoid_k_per_reference: float = 1.0,
     ) -> None:
         if assignment not in ASSIGNMENTS:
             raise ValueError(
@@ -145,6 +183,16 @@ class SubjectConsistencyReward:
             raise ValueError(f"SubjectConsistencyReward: missing_penalty={missing_penalty} must be finite")
         if leakage_weight < 0 or margin_weight < 0:
             raise ValueError("SubjectConsistencyReward: leakage_weight and margin_weight must be >= 0")
+        if sigmoid_k is not None and not (0 < sigmoid_k < math.inf):
+            raise ValueError(
+                f"SubjectConsistencyReward: sigmoid_k={sigmoid_k} must be finite and > 0, or null (off)"
+            )
+        if not math.isfinite(sigmoid_tau):
+            raise ValueError(f"SubjectConsistencyReward: sigmoid_tau={sigmoid_tau} must be finite")
+        if not 0 <= sigmoid_k_per_reference < math.inf:
+            raise ValueError(
+                f"SubjectConsistencyReward: sigmoid_k_per_reference={sigmoid_k_per_reference} must be finite and >= 0"
+            )
         self.detector, self.embedder = detector, embedder
         self.reference_detector = reference_detector
         self.detect_references = bool(detect_references)
@@ -153,6 +201,8 @@ class SubjectConsistencyReward:
         self.nms_iou, self.max_candidates = nms_iou, int(max_candidates)
         self.leakage_weight, self.margin_weight = float(leakage_weight), float(margin_weight)
         self.max_subjects = int(max_subjects)
+        self.sigmoid_k = None if sigmoid_k is None else float(sigmoid_k)
+        self.sigmoid_tau, self.sigmoid_k_per_reference = float(sigmoid_tau), float(sigmoid_k_per_reference)
 
     # ------------------------------------------------------------------ steps
     def _candidates(self, dets: Detections, label: int, needed: int) -> Tensor:
@@ -277,6 +327,15 @@ class SubjectConsistencyReward:
             + self.margin_weight * torch.nan_to_num(margin)
         )
         out = {"score": score}
+        if self.sigmoid_k is not None:
+            out["similarity"] = score
+            out["score"] = sigmoid_rescale(
+                score,
+                counts,
+                k=self.sigmoid_k,
+                tau=self.sigmoid_tau,
+                k_per_reference=self.sigmoid_k_per_reference,
+            )
         for i in range(width):
             out[f"subject_{i + 1}"] = values[:, i]
         out["detected_frac"] = torch.nansum(detected, dim=1) / counts

@@ -13,6 +13,10 @@ Pure functions:
 - :func:`group_advantages`: ``A_i = (R_i - mean_g R) / (std + eps)``, the std taken within the
   group g (default) or over the whole batch (``global_std``, Flow-GRPO's FLUX Kontext setting),
   then clipped to ``[-clip, clip]``.
+- :func:`narrow_groups`, :func:`difficulty_weights`: optional reward shaping on the groups of a
+  step (off by default in GRPO): groups whose reward range is below a threshold are dropped, and
+  the advantages of each group are scaled by ``(1 - mean_g score)^gamma``, so that groups the policy
+  does not solve yet weigh more than solved ones (docs/method.md §4).
 
 **Std convention.** Population std (``unbiased=False``, divide by n), as Flow-GRPO's
 ``PerPromptStatTracker`` (``np.std``, ddof 0, ``+ 1e-4``); with G = 6 the unbiased std would be
@@ -32,6 +36,7 @@ come back in the input's float dtype (float32 for integer inputs).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +47,11 @@ from rewards.base import weighted_score
 
 __all__ = [
     "combine_rewards",
+    "advantage_summary",
     "component_weights",
+    "difficulty_weights",
     "group_advantages",
+    "narrow_groups",
     "reward_components",
     "zero_variance_groups",
 ]
@@ -247,12 +255,105 @@ def group_advantages(
     adv = raw.clamp(-clip, clip)
 
     metrics = {
-        "adv/mean": float(adv.mean()),
-        "adv/std": float(adv.std(unbiased=False)),
-        "adv/min": float(adv.min()),
-        "adv/max": float(adv.max()),
+        **advantage_summary(adv),
         "adv/clip_frac": float((raw.abs() > clip).double().mean()),
         "adv/zero_var_frac": float(zero_var.double().mean()),
         "adv/reward_std": reward_std,
     }
     return adv.to(_out_dtype(rewards)), metrics
+
+
+def advantage_summary(advantages: Tensor) -> dict[str, float]:
+    """``adv/mean``, ``adv/std`` (population), ``adv/min``, ``adv/max`` of ``[B]`` advantages (B >= 1)."""
+    adv = advantages.detach()
+    return {
+        "adv/mean": float(adv.mean()),
+        "adv/std": float(adv.std(unbiased=False)),
+        "adv/min": float(adv.min()),
+        "adv/max": float(adv.max()),
+    }
+
+
+def narrow_groups(scores: Tensor, group_ids: Tensor, *, min_range: float) -> Tensor:
+    """Which samples belong to a group whose reward range ``max - min`` is below ``min_range``.
+
+    Such a group barely ranks its samples: its advantages would be reward noise scaled up by the
+    std. The range is taken over the group's non-NaN scores; a group with fewer than two of them
+    has range 0.
+
+    Args:
+        scores: ``[B]`` rewards, NaN where the reward does not apply.
+        group_ids: ``[B]`` integer prompt-group ids.
+        min_range: threshold >= 0 (``algo.min_group_range``); 0 drops nothing.
+
+    Returns:
+        ``[B]`` bool, True for every sample (NaN ones included) of a group with range < ``min_range``.
+    """
+    inverse, num_groups = _group_index(group_ids)
+    _check_batch("scores", scores, group_ids.shape[0])
+    if not min_range >= 0:
+        raise ValueError(f"narrow_groups: min_range={min_range} must be >= 0 (algo.min_group_range)")
+    s = scores.detach().to(torch.float64)
+    present = ~torch.isnan(s)
+    inf = torch.full((num_groups,), math.inf, dtype=s.dtype, device=s.device)
+    top = (-inf).scatter_reduce(0, inverse[present], s[present], "amax")
+    low = inf.scatter_reduce(0, inverse[present], s[present], "amin")
+    count = torch.zeros_like(inf).index_add_(0, inverse, present.to(s.dtype))
+    span = torch.where(count >= 2, top - low, torch.zeros_like(top))  # [G]
+    return (span < min_range)[inverse]
+
+
+def difficulty_weights(
+    scores: Tensor,
+    group_ids: Tensor,
+    *,
+    gamma: float,
+    clip: tuple[float, float] = (0.1, 1.0),
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-sample weights that favour the groups the policy does not solve yet.
+
+    For group g with mean score ``m_g`` over its non-NaN scores (scores meant in [0, 1], e.g. a
+    similarity):
+
+        u_g = clip(max(1 - m_g, 0)^gamma, lo, hi),        w_g = u_g / mean_h u_h
+
+    the mean taken over the groups with at least one non-NaN score, so the weights average 1 over
+    those groups and the step's advantages keep their scale. ``lo > 0`` keeps a nearly solved group
+    in the update and bounds the ratio of the heaviest to the lightest group by ``hi / lo``; the
+    base is floored at 0 so a score above 1 does not give a complex power. ``gamma = 0`` gives
+    every group weight exactly 1.
+
+    Args:
+        scores: ``[B]`` rewards, NaN where the reward does not apply (excluded from ``m_g``).
+        group_ids: ``[B]`` integer prompt-group ids.
+        gamma: exponent >= 0 (``algo.difficulty_gamma``).
+        clip: ``(lo, hi)`` with ``0 < lo <= hi`` (``algo.difficulty_clip``), applied before the
+            renormalization.
+
+    Returns:
+        ``(weights [B]`` float64, NaN for samples of groups with no non-NaN score, ``metrics)``:
+        ``adv/difficulty_weight_min`` and ``adv/difficulty_weight_max`` over the groups (absent
+        when no group has a score).
+    """
+    inverse, num_groups = _group_index(group_ids)
+    _check_batch("scores", scores, group_ids.shape[0])
+    lo, hi = clip
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"difficulty_weights: gamma={gamma} must be finite and >= 0 (algo.difficulty_gamma)")
+    if not (0 < lo <= hi < math.inf):
+        raise ValueError(
+            f"difficulty_weights: clip={clip} must be (lo, hi) with 0 < lo <= hi (algo.difficulty_clip)"
+        )
+    mean, _, count = _group_moments(scores.detach().to(torch.float64), inverse, num_groups)
+    scored = count > 0  # [G]
+    raw = (1.0 - mean).clamp(min=0.0) ** gamma
+    raw = raw.clamp(lo, hi)
+    weights = torch.full_like(raw, math.nan)
+    if not bool(scored.any()):
+        return weights[inverse], {}
+    weights[scored] = raw[scored] / raw[scored].mean()
+    metrics = {
+        "adv/difficulty_weight_min": float(weights[scored].min()),
+        "adv/difficulty_weight_max": float(weights[scored].max()),
+    }
+    return weights[inverse], metrics

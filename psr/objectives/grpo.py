@@ -13,7 +13,8 @@ Gaussian transitions, :func:`psr.sampling.sde.kl_gaussian_means`; it is computed
 passed in, so that no log-prob or KL math is written twice.
 
 Which steps are trained is :func:`select_train_steps`; advantages are
-:func:`psr.objectives.advantages.group_advantages` of the whole step's rewards.
+:func:`psr.objectives.advantages.group_advantages` of the whole step's rewards, optionally shaped
+(off by default) by dropping groups of narrow reward range and weighting groups by difficulty.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import torch
 from torch import Tensor
 
 from psr.objectives.accumulate import LossPiece, accumulate, chunks
-from psr.objectives.advantages import group_advantages
+from psr.objectives.advantages import (
+    advantage_summary,
+    difficulty_weights,
+    group_advantages,
+    narrow_groups,
+)
 from psr.objectives.protocol import StepRewards, UpdateResult
 from psr.sampling.rollout import step_log_prob
 from psr.sampling.sde import kl_gaussian_means, noise_std
@@ -245,6 +251,12 @@ class GRPOObjective:
         eps: added to the std of the advantages.
         normalize_per_reward: rank by the weighted sum of each reward component z-scored within its
             group, instead of the reward's own combined score (for components of different ranges).
+        min_group_range: groups whose reward range (max - min of the reward's score) is below this
+            are dropped: advantage 0, out of every statistic, counted in ``adv/filtered_frac``
+            (0: off).
+        difficulty_gamma: advantages of group g are multiplied by ``(1 - mean_g score)^gamma``,
+            clipped to ``difficulty_clip`` and renormalized to mean 1 over the step's groups (0: off).
+        difficulty_clip: ``(lo, hi)``, ``0 < lo <= hi``: bounds of the weight before renormalizing.
     """
 
     micro_batch_size: int
@@ -259,6 +271,9 @@ class GRPOObjective:
     clip: float = 5.0
     eps: float = 1e-4
     normalize_per_reward: bool = False
+    min_group_range: float = 0.0
+    difficulty_gamma: float = 0.0
+    difficulty_clip: tuple[float, float] = (0.1, 1.0)
 
     def __post_init__(self) -> None:
         if self.kl_std not in KL_STDS:
@@ -276,10 +291,20 @@ class GRPOObjective:
             ("train_fraction", 0 < self.train_fraction <= 1, "in (0, 1]"),
             ("clip", self.clip > 0, "> 0 (math.inf: no clipping)"),
             ("eps", 0 <= self.eps < math.inf, ">= 0"),
+            ("min_group_range", 0 <= self.min_group_range < math.inf, ">= 0 (0: off)"),
+            ("difficulty_gamma", 0 <= self.difficulty_gamma < math.inf, ">= 0 (0: off)"),
         )
         for key, ok, rule in ranges:
             if not ok or math.isnan(getattr(self, key)):
                 raise ValueError(f"algo.{key}={getattr(self, key)} must be {rule}")
+        clip = (
+            tuple(self.difficulty_clip) if isinstance(self.difficulty_clip, Sequence) else ()
+        )  # YAML: a list
+        if len(clip) != 2 or not 0 < float(clip[0]) <= float(clip[1]) < math.inf:
+            raise ValueError(
+                f"algo.difficulty_clip={list(clip)} must be [lo, hi] with 0 < lo <= hi (bounds of the weight)"
+            )
+        self.difficulty_clip = (float(clip[0]), float(clip[1]))
         if self.train_steps == "random_subset" and (self.num_train_steps is None or self.num_train_steps < 1):
             raise ValueError(
                 f"algo.num_train_steps={self.num_train_steps} must be >= 1 under algo.train_steps=random_subset"
@@ -301,12 +326,29 @@ class GRPOObjective:
         Samples to which no reward applies (NaN) get advantage 0 and stay out of every statistic;
         the others get :func:`~psr.objectives.advantages.group_advantages` of the whole step's
         batch, so with ``global_std`` every rank divides by the same std.
+
+        Shaping, when on, reads the reward's own score (``rewards.scores``, in its units, also under
+        ``normalize_per_reward``): groups of range below ``min_group_range`` are left out before the
+        statistics (as if not sampled) and keep advantage 0; the difficulty weights then multiply
+        the clipped advantages of the remaining groups, and ``adv/mean|std|min|max`` describe the
+        final advantages.
         """
         combined = rewards.combined(normalize_per_reward=self.normalize_per_reward)
         valid = ~torch.isnan(combined)
         advantages = torch.zeros_like(combined)
+        shaping: dict[str, float] = {}
+        if self.min_group_range > 0 and bool(valid.any()):
+            narrow = narrow_groups(
+                rewards.scores[valid], rewards.group_ids[valid], min_range=self.min_group_range
+            )
+            num_groups = int(torch.unique(rewards.group_ids[valid]).numel())
+            dropped = int(torch.unique(rewards.group_ids[valid][narrow]).numel())
+            shaping["adv/filtered_frac"] = dropped / num_groups
+            kept = valid.clone()
+            kept[valid] = ~narrow
+            valid = kept
         if not bool(valid.any()):
-            return advantages, {}
+            return advantages, shaping
         advantages[valid], metrics = group_advantages(
             combined[valid],
             rewards.group_ids[valid],
@@ -314,7 +356,18 @@ class GRPOObjective:
             eps=self.eps,
             clip=self.clip,
         )
-        return advantages, metrics
+        if self.difficulty_gamma > 0:
+            weights, weight_metrics = difficulty_weights(
+                rewards.scores[valid],
+                rewards.group_ids[valid],
+                gamma=self.difficulty_gamma,
+                clip=self.difficulty_clip,
+            )
+            advantages[valid] = (advantages[valid].double() * weights).to(advantages.dtype)
+            shaping.update(weight_metrics)
+        if shaping:
+            metrics.update(advantage_summary(advantages[valid]))
+        return advantages, {**metrics, **shaping}
 
     def update(
         self,

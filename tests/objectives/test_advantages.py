@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from psr.objectives.advantages import combine_rewards, group_advantages, zero_variance_groups
+from psr.objectives.advantages import (
+    combine_rewards,
+    difficulty_weights,
+    group_advantages,
+    narrow_groups,
+    zero_variance_groups,
+)
 
 EPS = 1e-4
 
@@ -218,3 +224,58 @@ def test_one_combination_by_hand():
     out = reward(torch.rand(4, 3, 2, 2), RewardInputs.from_prompts(["p"] * 4))
     torch.testing.assert_close(out["score"], r, equal_nan=True)
     assert weighted_score({"a": comps["a"].double()}, {"a": 1.0}).dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------ shaping
+# group 5: scores 0.2, 0.4 (and one NaN)  -> mean 0.3,  1 - mean = 0.7,  range 0.2
+# group 2: scores 0.8, 0.8, 0.9           -> mean 5/6,  1 - mean = 1/6,  range 0.1
+SHAPE_GROUPS = torch.tensor([5, 2, 5, 2, 2, 5])
+SHAPE_SCORES = torch.tensor([0.2, 0.8, 0.4, 0.8, 0.9, math.nan], dtype=torch.float64)
+
+
+def test_difficulty_weights_by_hand():
+    # gamma 1: u = (0.7, 1/6), mean 13/30 -> w = (21/13, 5/13), mean 1 over the two groups
+    w, m = difficulty_weights(SHAPE_SCORES, SHAPE_GROUPS, gamma=1.0, clip=(0.1, 1.0))
+    a, b = 21 / 13, 5 / 13
+    torch.testing.assert_close(w, torch.tensor([a, b, a, b, b, a], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert m == {"adv/difficulty_weight_min": pytest.approx(b), "adv/difficulty_weight_max": pytest.approx(a)}
+    # gamma 2: u = (0.49, 1/36) and 1/36 is raised to the floor 0.1 -> w = (0.49, 0.1) / 0.295
+    w2, _ = difficulty_weights(SHAPE_SCORES, SHAPE_GROUPS, gamma=2.0, clip=(0.1, 1.0))
+    a2, b2 = 98 / 59, 20 / 59
+    torch.testing.assert_close(
+        w2, torch.tensor([a2, b2, a2, b2, b2, a2], dtype=torch.float64), rtol=1e-12, atol=0
+    )
+    # gamma 0: every group weighs exactly 1
+    ones, _ = difficulty_weights(SHAPE_SCORES, SHAPE_GROUPS, gamma=0.0)
+    assert ones.tolist() == [1.0] * 6
+
+
+def test_difficulty_weights_edge_groups():
+    # a group with no score gets NaN and is out of the mean; a score above 1 has base 0 -> the floor
+    scores = torch.tensor([0.5, 0.5, math.nan, math.nan, 1.2, 1.4], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    w, m = difficulty_weights(scores, groups, gamma=1.0, clip=(0.25, 1.0))
+    # u = (0.5, -, 0.25), mean 0.375 -> (4/3, -, 2/3)
+    assert w[[0, 1, 4, 5]].tolist() == pytest.approx([4 / 3, 4 / 3, 2 / 3, 2 / 3], rel=1e-12)
+    assert torch.isnan(w[2:4]).all()
+    assert m["adv/difficulty_weight_max"] == pytest.approx(4 / 3)
+    none, m_none = difficulty_weights(torch.full((2,), math.nan), torch.tensor([0, 0]), gamma=1.0)
+    assert torch.isnan(none).all() and m_none == {}
+    with pytest.raises(ValueError, match="algo.difficulty_gamma"):
+        difficulty_weights(scores, groups, gamma=-1.0)
+    with pytest.raises(ValueError, match="algo.difficulty_clip"):
+        difficulty_weights(scores, groups, gamma=1.0, clip=(0.0, 1.0))
+
+
+def test_narrow_groups_by_hand():
+    # ranges 0.2 (group 5, NaN ignored) and 0.1 (group 2)
+    assert narrow_groups(SHAPE_SCORES, SHAPE_GROUPS, min_range=0.15).tolist() == [
+        False, True, False, True, True, False
+    ]  # fmt: skip
+    assert not narrow_groups(SHAPE_SCORES, SHAPE_GROUPS, min_range=0.0).any()  # 0: off
+    assert narrow_groups(SHAPE_SCORES, SHAPE_GROUPS, min_range=0.25).all()
+    # a group with a single score has range 0
+    lone = narrow_groups(torch.tensor([0.3, math.nan, 0.1, 0.9]), torch.tensor([0, 0, 1, 1]), min_range=1e-3)
+    assert lone.tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="algo.min_group_range"):
+        narrow_groups(SHAPE_SCORES, SHAPE_GROUPS, min_range=-1.0)

@@ -274,6 +274,79 @@ def test_no_reward_applies_gives_zero_advantages_and_no_metrics():
     assert adv.tolist() == [0.0, 0.0, 0.0] and m == {}
 
 
+def _shaping_rewards() -> StepRewards:
+    # group 0: 0.2, 0.4 (mean 0.3, range 0.2); group 1: 0.8, 0.8, 0.9 (mean 5/6, range 0.1); a NaN in group 0
+    return StepRewards(
+        scores=torch.tensor([0.2, 0.4, math.nan, 0.8, 0.8, 0.9], dtype=torch.float64),
+        group_ids=torch.tensor([0, 0, 0, 1, 1, 1]),
+        is_local=torch.ones(6, dtype=torch.bool),
+    )
+
+
+def test_shaping_defaults_leave_advantages_unchanged():
+    rewards = _shaping_rewards()
+    plain, m = GRPOObjective(micro_batch_size=2).advantages(rewards)
+    explicit, m_explicit = GRPOObjective(
+        micro_batch_size=2, min_group_range=0.0, difficulty_gamma=0.0, difficulty_clip=(0.5, 0.5)
+    ).advantages(rewards)
+    assert torch.equal(plain, explicit) and m == m_explicit
+    valid = torch.tensor([0, 1, 3, 4, 5])
+    direct, direct_m = group_advantages(rewards.scores[valid], rewards.group_ids[valid], global_std=True)
+    assert torch.equal(plain[valid], direct) and m == direct_m
+
+
+def test_difficulty_weights_multiply_the_advantages():
+    rewards = _shaping_rewards()
+    plain, _ = GRPOObjective(micro_batch_size=2, global_std=False).advantages(rewards)
+    adv, m = GRPOObjective(micro_batch_size=2, global_std=False, difficulty_gamma=1.0).advantages(rewards)
+    # (1 - 0.3, 1 - 5/6) = (0.7, 1/6), mean 13/30 -> weights 21/13 and 5/13
+    weights = torch.tensor([21 / 13, 21 / 13, 0.0, 5 / 13, 5 / 13, 5 / 13], dtype=torch.float64)
+    torch.testing.assert_close(adv, plain * weights, rtol=1e-12, atol=0)
+    assert adv[2] == 0
+    assert m["adv/difficulty_weight_min"] == pytest.approx(5 / 13)
+    assert m["adv/difficulty_weight_max"] == pytest.approx(21 / 13)
+    assert m["adv/max"] == pytest.approx(float(adv.max())) and m["adv/min"] == pytest.approx(float(adv.min()))
+
+
+def test_narrow_groups_are_dropped_and_counted():
+    rewards = _shaping_rewards()
+    eps = 1e-4
+    adv, m = GRPOObjective(micro_batch_size=2, global_std=True, eps=eps, min_group_range=0.15).advantages(
+        rewards
+    )
+    # group 1 (range 0.1) is dropped; the global std is then group 0's alone, 0.1
+    a = 0.1 / (0.1 + eps)
+    torch.testing.assert_close(
+        adv, torch.tensor([-a, a, 0, 0, 0, 0], dtype=torch.float64), rtol=1e-12, atol=0
+    )
+    assert m["adv/filtered_frac"] == 0.5 and m["adv/reward_std"] == pytest.approx(0.1)
+    # with difficulty weights on the one group left, its weight is 1
+    both, m_both = GRPOObjective(
+        micro_batch_size=2, eps=eps, min_group_range=0.15, difficulty_gamma=2.0
+    ).advantages(rewards)
+    assert torch.equal(both, adv) and m_both["adv/difficulty_weight_max"] == 1.0
+    # everything dropped: zero advantages, only the count
+    none, m_none = GRPOObjective(micro_batch_size=2, min_group_range=1.0).advantages(rewards)
+    assert none.abs().max() == 0 and m_none == {"adv/filtered_frac": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("min_group_range", -0.1),
+        ("difficulty_gamma", -1.0),
+        ("difficulty_gamma", math.nan),
+        ("difficulty_clip", (0.0, 1.0)),
+        ("difficulty_clip", (0.5, 0.2)),
+        ("difficulty_clip", (0.1,)),
+        ("difficulty_clip", 0.1),
+    ],
+)
+def test_shaping_settings_are_checked(key, value):
+    with pytest.raises(ValueError, match=f"algo.{key}"):
+        GRPOObjective(micro_batch_size=2, **{key: value})
+
+
 def test_grpo_yaml_instantiates_the_objective():
     cfg = OmegaConf.load(CONF_ALGO / "grpo.yaml")
     objective = instantiate(cfg, micro_batch_size=3, inner_epochs=2)

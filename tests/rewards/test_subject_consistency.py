@@ -15,7 +15,7 @@ import torch
 
 from rewards.base import RewardInputs, Subject
 from rewards.detectors import BoxesDetector, Detections, ForegroundDetector
-from rewards.subject_consistency import SubjectConsistencyReward, assign, psrbench_score
+from rewards.subject_consistency import SubjectConsistencyReward, assign, psrbench_score, sigmoid_rescale
 
 TOL = 1e-5  # float32 cosine of identical embeddings: 1 up to rounding
 # Scores from our preprocessing vs PSRBench's (PIL bicubic on 8-bit crops): measured up to 1.2e-4
@@ -115,6 +115,64 @@ def test_missing_subject_is_flagged_and_scored_by_the_penalty(tiny_dino, patch, 
     assert out["detected_frac"].item() == 0.5
     assert out["subject_2"].item() == penalty
     assert out["score"].item() == pytest.approx((1.0 + penalty) / 2, abs=TOL)
+
+
+def test_sigmoid_rescale_by_hand():
+    score = torch.tensor([0.5, 0.7, 0.7, 0.7, 0.3, float("nan")], dtype=torch.float64)
+    n = torch.tensor([1, 1, 2, 4, 2, 1])
+    out = sigmoid_rescale(score, n, k=4.0, tau=0.5, k_per_reference=1.0)
+    assert out[0].item() == 0.5  # sigmoid(k * 0) whatever k
+    # k_n = 4 n: 4, 8, 16 for n = 1, 2, 4; twice the references, twice the slope
+    for i, slope in ((1, 4.0), (2, 8.0), (3, 16.0), (4, 8.0)):
+        expected = 1.0 / (1.0 + math.exp(-slope * (score[i].item() - 0.5)))
+        assert out[i].item() == pytest.approx(expected, rel=1e-12)
+    assert out[2].item() == pytest.approx(1.0 / (1.0 + math.exp(-1.6)), rel=1e-12)
+    assert out[4].item() == pytest.approx(1.0 - out[2].item(), rel=1e-12)  # symmetric about tau
+    assert math.isnan(out[5].item())
+    # k_per_reference = 0.5: k_3 = 4 (1 + 0.5 * 2) = 8; 0: the same slope for every n
+    three = sigmoid_rescale(score[1:2], torch.tensor([3]), k=4.0, tau=0.5, k_per_reference=0.5)
+    assert torch.equal(three, torch.sigmoid(torch.tensor([8.0 * 0.2], dtype=torch.float64)))
+    flat = sigmoid_rescale(score[1:4], n[1:4], k=4.0, tau=0.5, k_per_reference=0.0)
+    assert torch.equal(flat, torch.sigmoid(torch.full((3,), 4.0 * 0.2, dtype=torch.float64)))
+
+
+def test_sigmoid_option_rescales_the_score_by_the_number_of_references(tiny_dino, patch, paste):
+    # sample 0: one subject, found (similarity 1); sample 1: a found dog and a missing cat (0.5)
+    dog, cat = patch(8, 20, 20), patch(9, 20, 20)
+    canvases = torch.stack([_canvas(), _canvas()])
+    boxes = [{"dog": [paste(canvases[0], dog, 10, 10)]}, {"dog": [paste(canvases[1], dog, 40, 40)]}]
+    inputs = RewardInputs(
+        ["a dog", "a dog and a cat"],
+        [[dog], [dog, cat]],
+        [[Subject("dog", "dog")], [Subject("dog", "dog"), Subject("cat", "cat")]],
+    )
+    plain = SubjectConsistencyReward(BoxesDetector(boxes), tiny_dino, detect_references=False)(
+        canvases, inputs
+    )
+    off = SubjectConsistencyReward(
+        BoxesDetector(boxes), tiny_dino, detect_references=False, sigmoid_k=None, sigmoid_tau=0.9
+    )(canvases, inputs)
+    assert "similarity" not in plain and plain.keys() == off.keys()
+    for key in plain:  # off by default: nothing changes, bit for bit (NaN where a subject slot is empty)
+        torch.testing.assert_close(off[key], plain[key], rtol=0, atol=0, equal_nan=True)
+    shaped = SubjectConsistencyReward(
+        BoxesDetector(boxes), tiny_dino, detect_references=False, sigmoid_k=3.0, sigmoid_tau=0.5
+    )(canvases, inputs)
+    assert torch.equal(shaped["similarity"], plain["score"])
+    assert torch.equal(shaped["subject_1"], plain["subject_1"])  # per-subject values stay cosines
+    s0 = plain["score"][0].item()
+    assert s0 == pytest.approx(1.0, abs=TOL) and plain["score"][1].item() == pytest.approx(0.5, abs=TOL)
+    # k = 3 for one reference, 6 for two: sigmoid(3 (s0 - 0.5)) and sigmoid(6 (0.5 - 0.5)) = 0.5
+    assert shaped["score"][0].item() == pytest.approx(1.0 / (1.0 + math.exp(-3.0 * (s0 - 0.5))), abs=1e-6)
+    assert shaped["score"][1].item() == pytest.approx(0.5, abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"sigmoid_k": 0.0}, {"sigmoid_k": -1.0}, {"sigmoid_k": 1.0, "sigmoid_k_per_reference": -0.5}]
+)
+def test_sigmoid_option_rejects_bad_values(tiny_dino, kwargs):
+    with pytest.raises(ValueError, match="sigmoid_k"):
+        SubjectConsistencyReward(BoxesDetector([]), tiny_dino, **kwargs)
 
 
 def test_two_subjects_cannot_share_one_detection(tiny_dino, patch, paste):
