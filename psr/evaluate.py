@@ -44,7 +44,7 @@ from psr.data.dataset import PromptDataset, PromptRecord, open_image, to_tensor
 from psr.data.sources import load_records
 from psr.logging import make_grid, progress
 from psr.models.lora import merge_lora, read_diffusers_lora
-from psr.resume import load_initial_weights
+from psr.resume import flatten, load_initial_weights
 from psr.runlock import lock_run_dir
 from psr.sampling.rollout import initial_noise, rollout
 from psr.seeding import derive_seed
@@ -164,17 +164,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def to_plain(node: Any) -> Any:
     """A config node as plain Python containers (for JSON); other values as they are."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b.c": leaf}``."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

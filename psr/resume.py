@@ -50,6 +50,7 @@ from psr.checkpoint import (
 )
 
 __all__ = [
+    "start_from",
     "load_initial_weights",
     "RESUME_MAY_CHANGE",
     "FIRST_CONFIG",
@@ -134,6 +135,19 @@ def load_resume(resume: str | None, ckpt_root: Path, name: str, rank: int = 0) -
     return None
 
 
+def start_from(policy: Any, init_from: str, resumed: dict[str, Any] | None) -> None:
+    """Load the ``init_from`` checkpoint this run is pinned to into ``policy``'s base weights, and
+    record it on the policy (``init_from``, ``init_from_fingerprint``: every checkpoint of the run
+    stores them, as a LoRA of this run is a delta on top of that model).
+
+    Call it before adapters are added and before the engine: the base weights of fresh and resumed
+    runs alike, and the reference policy.
+    """
+    path, pinned = pin_init_from(str(init_from), resumed)
+    policy.init_from = str(load_initial_weights(policy, path, fingerprint=pinned))
+    policy.init_from_fingerprint = pinned
+
+
 def pin_init_from(init_from: str, resumed: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``init_from`` stands for in this run, and its fingerprint.
 
@@ -165,11 +179,12 @@ def pin_init_from(init_from: str, resumed: dict[str, Any] | None) -> tuple[Path,
         ) from err
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": leaf}`` (an empty mapping is a leaf)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -182,7 +197,7 @@ def _may_change(key: str) -> bool:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """``(refused, allowed)``: the keys that differ between two configs, as ``"key: old -> new"``
     lines, split by :data:`RESUME_MAY_CHANGE`."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     refused: list[str] = []
     allowed: list[str] = []
     for key in sorted(set(a) | set(b)):

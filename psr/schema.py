@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from psr.models.lora import DEFAULT_TARGETS
+
 
 def target(optional: bool = False) -> Any:
     """A schema field holding a ``_target_`` node (checked against the callable's parameters)."""
@@ -80,17 +82,6 @@ def _raise(section: str, problems: list[str]) -> None:
 
 # --- Shared sections ---------------------------------------------------------------------------
 
-LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -99,7 +90,7 @@ class LoraSettings:
     rank: int = 64
     alpha: float = 64
     init: str | bool = "gaussian"  # peft init_lora_weights (B = 0: training starts at the base model)
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # psr.models.lora: FLUX joint-attention projections
 
     def __post_init__(self) -> None:
         _raise(

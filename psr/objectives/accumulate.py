@@ -21,7 +21,7 @@ from psr.objectives.protocol import ANOTHER_RANK, UpdateResult
 if TYPE_CHECKING:
     from psr.engine import Engine
 
-__all__ = ["LossPiece", "accumulate", "chunks", "merge_metrics"]
+__all__ = ["LossPiece", "accumulate", "check_batch_settings", "chunks", "merge_metrics"]
 
 W = TypeVar("W")
 
@@ -57,6 +57,14 @@ def merge_metrics(acc: Mapping[str, Sequence[float]]) -> dict[str, float]:
         else:
             out[k] = sum(vs) / len(vs)
     return out
+
+
+def check_batch_settings(micro_batch_size: int, inner_epochs: int) -> None:
+    """The two ``train`` settings every objective's loop takes from the trainer, checked once."""
+    if micro_batch_size < 1 or inner_epochs < 1:
+        raise ValueError(
+            f"train.micro_batch_size={micro_batch_size} and train.inner_epochs={inner_epochs} must be >= 1"
+        )
 
 
 def chunks(index: Tensor, size: int) -> list[Tensor]:

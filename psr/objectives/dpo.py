@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from psr.objectives.accumulate import LossPiece, accumulate, chunks
+from psr.objectives.accumulate import LossPiece, accumulate, check_batch_settings, chunks
 from psr.objectives.flow_matching import flow_matching_errors, noisy_latents, target_velocity
 from psr.objectives.protocol import StepRewards, UpdateResult
 from psr.seeding import derive_seed
@@ -283,11 +283,7 @@ class DPOObjective:
             )
         if self.timesteps_per_pair < 1:
             raise ValueError(f"algo.timesteps_per_pair={self.timesteps_per_pair} must be >= 1")
-        if self.micro_batch_size < 1 or self.inner_epochs < 1:
-            raise ValueError(
-                f"train.micro_batch_size={self.micro_batch_size} and train.inner_epochs={self.inner_epochs} "
-                "must be >= 1"
-            )
+        check_batch_settings(self.micro_batch_size, self.inner_epochs)
         ranges = (
             ("beta", self.beta > 0, "> 0"),
             ("margin", self.margin >= 0, ">= 0"),

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from psr.objectives.accumulate import LossPiece, accumulate, chunks
+from psr.objectives.accumulate import LossPiece, accumulate, check_batch_settings, chunks
 from psr.objectives.advantages import (
     advantage_summary,
     difficulty_weights,
@@ -280,11 +280,7 @@ class GRPOObjective:
             raise ValueError(f"algo.kl_std={self.kl_std!r}; expected one of {KL_STDS}")
         if self.train_steps not in TRAIN_STEP_MODES:
             raise ValueError(f"algo.train_steps={self.train_steps!r}; expected one of {TRAIN_STEP_MODES}")
-        if self.micro_batch_size < 1 or self.inner_epochs < 1:
-            raise ValueError(
-                f"train.micro_batch_size={self.micro_batch_size} and train.inner_epochs={self.inner_epochs} "
-                "must be >= 1"
-            )
+        check_batch_settings(self.micro_batch_size, self.inner_epochs)
         ranges = (
             ("clip_eps", self.clip_eps > 0, "> 0"),
             ("beta", self.beta >= 0, ">= 0"),

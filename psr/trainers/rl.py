@@ -31,7 +31,7 @@ from psr.objectives.accumulate import merge_metrics
 from psr.objectives.advantages import component_weights, reward_components
 from psr.objectives.protocol import ANOTHER_RANK, Objective, StepRewards, UpdateResult
 from psr.preemption import PreemptionHandler
-from psr.resume import finish_resume, load_initial_weights, load_resume, pin_init_from
+from psr.resume import finish_resume, load_resume, start_from
 from psr.runlock import lock_run_dir
 from psr.sampling.rollout import rollout
 from psr.seeding import derive_seed, seed_everything
@@ -114,12 +114,8 @@ class RLTrainer:
         """The model on the engine's device and its trainable parameters (``train.mode``, ``train.lora``);
         under full fine-tuning, a frozen copy for an objective that needs the reference policy."""
         policy = instantiate(cfg_model, device=str(self.engine.device))
-        if init_from:
-            # before adapters and engine: the base weights of fresh and resumed runs alike, and the
-            # reference policy; recorded in this run's checkpoints, as a LoRA here is a delta on top of it
-            path, pinned = pin_init_from(str(init_from), self.resumed)
-            policy.init_from = str(load_initial_weights(policy, path, fingerprint=pinned))
-            policy.init_from_fingerprint = pinned
+        if init_from:  # before adapters and engine (psr.resume.start_from)
+            start_from(policy, init_from, self.resumed)
         lora = dataclasses.asdict(self.train_settings.lora)
         keep_reference = self.objective.needs_reference
         mode = self.train_settings.mode

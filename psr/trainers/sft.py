@@ -43,7 +43,7 @@ from psr.logging import MetricLogger, StepTimer, build_logger, make_grid, progre
 from psr.models.lora import make_trainable
 from psr.models.policy import stack_conditionings
 from psr.preemption import PreemptionHandler
-from psr.resume import finish_resume, load_initial_weights, load_resume, pin_init_from
+from psr.resume import finish_resume, load_resume, start_from
 from psr.runlock import lock_run_dir
 from psr.seeding import derive_seed, seed_everything
 from psr.trainers import resolve_run_dir, run_trainer
@@ -102,12 +102,8 @@ class SFTTrainer:
     def _setup_policy(self, cfg_model: DictConfig, init_from: str | None) -> tuple[Any, list[nn.Parameter]]:
         """The model on the engine's device and its trainable parameters (``train.mode``, ``train.lora``)."""
         policy = instantiate(cfg_model, device=str(self.engine.device))
-        if init_from:
-            # before adapters and engine: the base weights of fresh and resumed runs alike; recorded in
-            # this run's checkpoints, as a LoRA here is a delta on top of that model
-            path, pinned = pin_init_from(str(init_from), self.resumed)
-            policy.init_from = str(load_initial_weights(policy, path, fingerprint=pinned))
-            policy.init_from_fingerprint = pinned
+        if init_from:  # before adapters and engine (psr.resume.start_from)
+            start_from(policy, init_from, self.resumed)
         lora = dataclasses.asdict(self.train_settings.lora)
         return policy, make_trainable(policy, self.train_settings.mode, **lora)
 
