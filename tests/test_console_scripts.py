@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # .venv/bin under `make test`
-# tiny overrides shared with tests/test_cli.py and tests/trainers: 32 px, 1-2 steps, nothing periodic
+# tiny overrides (as in tests/test_cli.py): 32 px, 1-2 steps, nothing periodic
 TINY_RL = [
     "experiment=quickstart",
     "train.resolution=32",
