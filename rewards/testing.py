@@ -4,7 +4,8 @@ They run the same code paths as the real models (preprocessing, tokenization, ba
 so tests, benchmarks and the tiny quickstart need no weights. Scores from random weights carry no
 meaning beyond "the pipeline runs and is deterministic". Tokenizers need no download either: a
 BERT WordPiece vocabulary made here (with BERT's ids for [CLS], [SEP], "." and "?", which Grounding
-DINO relies on) and the real CLIP BPE that ships inside the open_clip wheel.
+DINO relies on), the real CLIP BPE that ships inside the open_clip wheel, and a byte-level BPE with
+Qwen's special tokens and chat template for the Qwen vision-language models.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import gzip
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
@@ -46,6 +47,11 @@ __all__ = [
     "tiny_imagereward_checkpoint",
     "tiny_imagereward",
     "tiny_spatial",
+    "QWEN_CHAT_TEMPLATE",
+    "qwen_tokenizer",
+    "tiny_qwen_vl_processor",
+    "tiny_qwen_vl_config",
+    "tiny_qwen_vl",
 ]
 
 # BERT's ids for the tokens Grounding DINO hard-codes as separators
@@ -441,3 +447,159 @@ def tiny_imagereward(seed: int = 0, *, device: str = "cpu", dtype: str = "float3
     model = ImageRewardModel(*imagereward_configs(state, TINY_MED_CONFIG))
     model.load_state_dict(imagereward_state_dict(state), strict=True)
     return ImageReward(model, blip_tokenizer(tiny_bert_tokenizer()), device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- tiny Qwen vision-language models
+# No Qwen tokenizer ships offline. A byte-level BPE trained here on a few sentences, with Qwen's
+# special tokens and a chat template of the same shape as Qwen's, drives the real processor and model
+# classes; the model config's image / video / vision token ids are set to this tokenizer's ids.
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# system turn, then each message's images (<|vision_start|><|image_pad|><|vision_end|>) and text in order
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_QWEN_CORPUS = [
+    "You are a helpful assistant.",
+    "[Thought]: The image shows a dog wearing a red hat next to a cat in a blue scarf. [Score]: 7",
+    "Rate how well the image matches the description on a scale from 0 to 10.",
+    "Yes No yes no 0 1 2 3 4 5 6 7 8 9 10 0.5 8.5",
+    "a photo of a person, a man, a woman, a mug, a backpack on the left of a table",
+]
+
+
+@cache
+def _qwen_bpe(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_QWEN_CORPUS * 4, trainer)
+    return str(tok.to_str())
+
+
+def qwen_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with Qwen's special tokens and chat template
+    (ids differ from Qwen's; the vocabulary is tiny). Deterministic: the same ids on every call."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_qwen_bpe(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def _qwen_vl_parts(kind: str) -> tuple[Any, Any, Any, Any]:
+    import transformers as tf
+
+    if kind == "qwen2_5_vl":
+        return tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor, 112
+    if kind == "qwen2_vl":
+        return tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor, None
+    raise ValueError(f"kind={kind!r}; expected 'qwen2_5_vl' or 'qwen2_vl'")
+
+
+def tiny_qwen_vl_processor(kind: str = "qwen2_5_vl", *, max_pixels: int = 56 * 56 * 4) -> Any:
+    """The real Qwen2(.5)-VL processor over :func:`qwen_tokenizer`; images are resized to at most
+    ``max_pixels`` (a 112 x 112 image becomes 16 patches of 14 px, 4 tokens after the 2x2 merge)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    _, _, processor_cls, _ = _qwen_vl_parts(kind)
+    size = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=qwen_tokenizer(),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen_vl_config(kind: str = "qwen2_5_vl", *, hidden_size: int = 64) -> Any:
+    """A 2-layer Qwen2(.5)-VL config (width ``hidden_size``, 2 heads, a 1-block vision tower) whose
+    special-token ids are :func:`qwen_tokenizer`'s."""
+    config_cls, _, _, window = _qwen_vl_parts(kind)
+    tok = qwen_tokenizer()
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad")}
+    vision: dict[str, Any] = dict(
+        depth=1, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2
+    )
+    if kind == "qwen2_5_vl":
+        vision.update(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=hidden_size,
+            window_size=window,
+            fullatt_block_indexes=[0],
+        )
+    else:
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+    head_dim = hidden_size // 2
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16],
+        },
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    return config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen_vl(kind: str = "qwen2_5_vl", seed: int = 0, *, hidden_size: int = 64) -> tuple[Any, Any]:
+    """``(model, processor)``: a random tiny Qwen2.5-VL (or Qwen2-VL) for conditional generation, in
+    eval mode, fp32. Save both with ``save_pretrained`` to get a folder the real loaders accept."""
+    _, model_cls, _, _ = _qwen_vl_parts(kind)
+    with _seeded(seed):
+        model = model_cls(tiny_qwen_vl_config(kind, hidden_size=hidden_size)).eval()
+    return model, tiny_qwen_vl_processor(kind)
