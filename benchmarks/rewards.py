@@ -90,6 +90,7 @@ def main() -> None:
         "hps v2.1 (open_clip)": testing.tiny_hps(0, device=dev),
         "pickscore (CLIPModel)": testing.tiny_pickscore(0, device=dev),
         "imagereward (BLIP)": testing.tiny_imagereward(0, device=dev),
+        "hpsv3 (Qwen2-VL)": testing.tiny_hpsv3(0, device=dev),
         "spatial (grounding-dino)": testing.tiny_spatial(0, device=dev),
     }
     print(

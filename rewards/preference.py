@@ -1,4 +1,4 @@
-"""Human-preference rewards: ImageReward, HPS v2.1, PickScore. Each loads offline from local files.
+"""Human-preference rewards: ImageReward, HPS v2.1, PickScore, HPSv3. Each loads offline from local files.
 
 - **ImageReward** (Xu et al. 2023): BLIP ViT-L/16 image encoder, a BERT-base text encoder with
   cross-attention to the image tokens, and an MLP on the text [CLS] state; the output is
@@ -11,11 +11,17 @@
   of image and prompt embeddings (no logit scale), about 0.2-0.35 for real images.
 - **PickScore** (Kirstain et al. 2023): a transformers ``CLIPModel``; score = ``logit_scale.exp()``
   times the cosine, about 15-25.
+- **HPSv3** (Ma et al. 2025): Qwen2-VL-7B-Instruct reads the image and an instruction holding the
+  prompt; an MLP on the decoder's state at an added ``<|Reward|>`` token gives ``(mu, log sigma)``
+  and the score is mu. The ``hpsv3`` package pins transformers 4.45, so the model is built from
+  transformers' ``Qwen2VLModel`` and the published ``HPSv3.safetensors`` is loaded through
+  :func:`hpsv3_state_dict`, a key mapping.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,10 @@ __all__ = [
     "hps_v21",
     "PickScore",
     "pickscore",
+    "HPSv3Model",
+    "HPSv3Reward",
+    "hpsv3_state_dict",
+    "hpsv3",
 ]
 
 # standardization of the MLP output, from the published ImageReward model
@@ -379,3 +389,296 @@ def pickscore(
         expected="CLIP tokenizer files (vocab.json, merges.txt), e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     )
     return PickScore(model, tokenizer, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- HPSv3
+
+HPSV3_REWARD_TOKEN = "<|Reward|>"
+# the published inference resizes every image to min_pixels = max_pixels = 256 * 28 * 28 (448 x 448
+# for a square image: 256 tokens after Qwen2-VL's 2 x 2 merge), keeping the aspect ratio
+HPSV3_PIXELS = 256 * 28 * 28
+
+
+def read_hpsv3_instruction(path: str | os.PathLike, *, key: str = "reward.instruction") -> str:
+    """The text of HPSv3's user turn (it follows the image), read from ``path``.
+
+    HPSv3 was trained with one fixed instruction; scores are only comparable under that exact text, so
+    psr ships none and reads the user's copy: a UTF-8 file holding the published instruction (the
+    training data collator's text of the MizzenAI/HPSv3 repository) with ``{prompt}`` where the prompt
+    goes, followed by the query that ends in ``<|Reward|>``, the token whose state the head reads.
+    The file is used as is (no stripping: spaces and newlines are part of the model's input).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"hpsv3: {key}={str(path)!r} is not a file; save HPSv3's published user-turn text there, with "
+            f"{{prompt}} in place of the prompt and ending in {HPSV3_REWARD_TOKEN} (docs/method.md, HPSv3)"
+        )
+    text = file.read_text(encoding="utf-8")
+    for needed in ("{prompt}", HPSV3_REWARD_TOKEN):
+        if text.count(needed) != 1:
+            raise ValueError(
+                f"hpsv3: {key}={str(path)!r} must contain {needed} exactly once (found {text.count(needed)})"
+            )
+    return text
+
+
+def hpsv3_head(width: int) -> nn.Sequential:
+    """The published ``rm_head`` ("ranknet"): 1024 -> 16 -> 2 with ReLUs and a dropout (weights at
+    indices 0, 3, 5); outputs ``(mu, log sigma)`` of a Gaussian preference score."""
+    return nn.Sequential(
+        nn.Linear(width, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
+
+
+class HPSv3Model(nn.Module):
+    """Qwen2-VL (``Qwen2VLModel``: vision tower + decoder, no LM head) + ``rm_head`` on the decoder's
+    last hidden state at the ``<|Reward|>`` token -> ``[B, 2]`` float32 ``(mu, log sigma)``."""
+
+    def __init__(self, config: Any, reward_token_id: int) -> None:
+        super().__init__()
+        from transformers import Qwen2VLModel
+
+        self.backbone = Qwen2VLModel(config)
+        self.rm_head = hpsv3_head(int(config.text_config.hidden_size))
+        self.reward_token_id = int(reward_token_id)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_grid_thw: Tensor
+    ) -> Tensor:
+        qwen = self.backbone
+        embeds = qwen.get_input_embeddings()(input_ids)  # [B, N, D]
+        features = qwen.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        image = torch.cat(list(features)).to(embeds.dtype)  # [image tokens in the batch, D]
+        image_mask = input_ids == qwen.config.image_token_id
+        if int(image_mask.sum()) != image.shape[0]:
+            raise ValueError(
+                f"HPSv3: {int(image_mask.sum())} image tokens for {image.shape[0]} image features"
+            )
+        embeds = embeds.masked_scatter(image_mask[..., None], image)
+        # The published model runs its decoder with positions 0..N-1 on all three M-RoPE axes, not
+        # Qwen2-VL's 2-D positions for image tokens: its forward embeds the image itself and leaves
+        # position_ids to the text model. With right padding these are also the unpadded positions.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = qwen.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state  # [B, N, D]
+        at_token = input_ids == self.reward_token_id
+        if not bool((at_token.sum(1) == 1).all()):
+            raise ValueError(
+                f"HPSv3: every sample needs exactly one {HPSV3_REWARD_TOKEN} token, found {at_token.sum(1).tolist()} "
+                "(does a prompt contain it?)"
+            )
+        return self.rm_head(hidden[at_token].float())  # [B, 2]
+
+
+# published name prefix -> HPSv3Model prefix. The published HPSv3.safetensors was saved with
+# transformers 4.45's flat Qwen2-VL layout (visual.*, model.*); later versions nest both under model.
+_HPSV3_PREFIXES = (
+    ("model.visual.", "backbone.visual."),
+    ("model.language_model.", "backbone.language_model."),
+    ("visual.", "backbone.visual."),
+    ("model.", "backbone.language_model."),
+    ("rm_head.", "rm_head."),
+)
+_HPSV3_UNUSED = ("lm_head.weight",)  # the language-model head; a reward never decodes text
+
+
+def hpsv3_state_dict(published: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map the published ``HPSv3.safetensors`` keys (``visual.*``, ``model.*``, ``lm_head.weight``,
+    ``rm_head.*``; or the nested ``model.visual.*`` / ``model.language_model.*``) onto
+    :class:`HPSv3Model`, dropping the unused ``lm_head.weight``.
+
+    Raises:
+        ValueError: naming keys that are neither mapped nor known to be unused.
+    """
+    out, unknown = {}, []
+    for key, value in published.items():
+        if key in _HPSV3_UNUSED:
+            continue
+        for old, new in _HPSV3_PREFIXES:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{len(unknown)} unexpected keys in the checkpoint, e.g. {unknown[:5]}")
+    return out
+
+
+def _published_name(key: str) -> str:
+    """An :class:`HPSv3Model` key as the published checkpoint names it."""
+    for old, new in (("backbone.visual.", "visual."), ("backbone.language_model.", "model.")):
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def load_hpsv3_model(state: dict[str, Tensor], config: Any, reward_token_id: int, vocab: int) -> HPSv3Model:
+    """:class:`HPSv3Model` holding the tensors of ``state`` (a published checkpoint; not copied).
+
+    Args:
+        config: the base model's ``Qwen2VLConfig``; its text vocabulary size is set to the
+            checkpoint's (Qwen2-VL-7B-Instruct's config says 152064, HPSv3's embeddings have 151658
+            rows: the tokenizer plus ``<|Reward|>``).
+        vocab: the tokenizer's length with ``<|Reward|>`` added; the checkpoint must match it.
+
+    Raises:
+        ValueError: unexpected or missing keys, mismatched shapes or vocabulary (callers add which
+            config key to set).
+    """
+    from accelerate import init_empty_weights
+
+    mapped = hpsv3_state_dict(state)
+    rows_key = "backbone.language_model.embed_tokens.weight"
+    if rows_key not in mapped:
+        raise ValueError("the checkpoint has no token embeddings ('model.embed_tokens.weight')")
+    rows = int(mapped[rows_key].shape[0])
+    if rows != vocab:
+        raise ValueError(
+            f"the checkpoint's embeddings have {rows} rows but the tokenizer with {HPSV3_REWARD_TOKEN} has "
+            f"{vocab} tokens; HPSv3 needs Qwen2-VL-7B-Instruct's tokenizer (151658 with {HPSV3_REWARD_TOKEN})"
+        )
+    config.text_config.vocab_size = rows
+    # parameters on the meta device, then the checkpoint's tensors assigned: no random 7B init
+    with init_empty_weights(include_buffers=False):
+        model = HPSv3Model(config, reward_token_id)
+    try:
+        result = model.load_state_dict(mapped, strict=False, assign=True)
+    except RuntimeError as err:  # shape mismatch: a checkpoint of another model size
+        raise ValueError(str(err).replace("\n", " ").replace("\t", "")) from err
+    if result.missing_keys or result.unexpected_keys:
+        missing = [_published_name(k) for k in result.missing_keys]
+        unexpected = [_published_name(k) for k in result.unexpected_keys]
+        raise ValueError(
+            f"missing {len(missing)} keys, e.g. {missing[:4]}; unexpected {len(unexpected)}, e.g. {unexpected[:4]}"
+        )
+    return model.eval()
+
+
+class HPSv3Reward(_Preference):
+    """HPSv3 on a batch: images resized to ``min_pixels``..``max_pixels`` (multiples of 28, aspect
+    kept; bicubic), one chat turn per sample (the image, then ``instruction`` with the prompt in its
+    ``{prompt}`` slot, see :func:`read_hpsv3_instruction`), one forward.
+
+    Returns ``score`` = ``scale`` x ``raw``, ``raw`` = mu (the published score; the paper's values of
+    0.79-1.12 suggest ``scale: 0.1``, unverified), and ``sigma`` = exp(log sigma), the model's
+    uncertainty.
+    """
+
+    def __init__(
+        self,
+        model: HPSv3Model,
+        processor: Any,
+        instruction: str,
+        *,
+        scale: float = 1.0,
+        min_pixels: int = HPSV3_PIXELS,
+        max_pixels: int = HPSV3_PIXELS,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "bfloat16",
+    ) -> None:
+        self._setup(model, device, dtype)
+        self.model.rm_head.float()  # the published head runs in float32 on a bfloat16 backbone
+        self.processor = processor
+        self.instruction = instruction
+        # right padding: the reward token keeps the position it has alone (see HPSv3Model.forward)
+        processor.tokenizer.padding_side = "right"
+        vision: Any = model.backbone.config.vision_config
+        self.factor = int(vision.patch_size) * int(vision.spatial_merge_size)
+        self.scale, self.min_pixels, self.max_pixels = float(scale), int(min_pixels), int(max_pixels)
+
+    def text(self, prompt: str) -> str:
+        """The text of the user turn for ``prompt`` (it follows the image)."""
+        return self.instruction.replace("{prompt}", prompt)
+
+    def encode(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """``images`` ``[B, 3, H, W]`` in [0, 1] and B prompts -> the model's inputs on its device."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        h, w = images.shape[-2:]
+        size = smart_resize(int(h), int(w), self.factor, self.min_pixels, self.max_pixels)
+        x = images.float()
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        turns = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.text(p)}]}]
+            for p in prompts
+        ]
+        batch = self.processor(
+            text=self.processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True),
+            images=list(x.cpu()),
+            padding=True,
+            return_tensors="pt",
+            images_kwargs={"do_resize": False, "do_rescale": False},
+        )
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        out = {k: batch[k].to(self.device) for k in keys}
+        out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, inputs: RewardInputs) -> dict[str, Tensor]:
+        check_images(images, inputs, "HPSv3")
+        mu, log_sigma = self.model(**self.encode(images, list(inputs.prompts))).unbind(-1)
+        return {
+            "score": (self.scale * mu).to(images.device),
+            "raw": mu.to(images.device),
+            "sigma": log_sigma.exp().to(images.device),
+        }
+
+
+def hpsv3(
+    path: str,
+    checkpoint: str,
+    instruction: str,
+    *,
+    scale: float = 1.0,
+    min_pixels: int = HPSV3_PIXELS,
+    max_pixels: int = HPSV3_PIXELS,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+) -> HPSv3Reward:
+    """HPSv3 from ``path`` (a local copy of ``Qwen/Qwen2-VL-7B-Instruct``: its config, processor and
+    tokenizer; its weights are not read) and ``checkpoint`` (``HPSv3.safetensors`` of
+    ``MizzenAI/HPSv3``, the whole model, or a directory holding it); ``instruction`` is the file
+    holding the published user-turn text (:func:`read_hpsv3_instruction`)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    text = read_hpsv3_instruction(instruction)
+
+    expected = "a Qwen2-VL-7B-Instruct directory (config.json, preprocessor_config.json, tokenizer files)"
+    processor = hf_from_pretrained(AutoProcessor, path, owner="hpsv3", key="reward.path", expected=expected)
+    config = hf_from_pretrained(AutoConfig, path, owner="hpsv3", key="reward.path", expected=expected)
+    if config.model_type != "qwen2_vl":
+        raise weights_error(
+            "hpsv3",
+            "reward.path",
+            path,
+            expected,
+            ValueError(f"model_type is {config.model_type!r}, not 'qwen2_vl'"),
+        )
+    tokenizer = processor.tokenizer
+    tokenizer.add_special_tokens({"additional_special_tokens": [HPSV3_REWARD_TOKEN]})
+    state = load_state_dict_file(
+        checkpoint, owner="hpsv3", key="reward.checkpoint", candidates=("HPSv3.safetensors", "HPSv3.pth")
+    )
+    try:
+        model = load_hpsv3_model(
+            state, config, tokenizer.convert_tokens_to_ids(HPSV3_REWARD_TOKEN), len(tokenizer)
+        )
+    except ValueError as err:
+        raise weights_error(
+            "hpsv3", "reward.checkpoint", checkpoint, "HPSv3.safetensors of MizzenAI/HPSv3", err, hub=False
+        ) from err
+    return HPSv3Reward(
+        model,
+        processor,
+        text,
+        scale=scale,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        device=device,
+        dtype=dtype,
+    )

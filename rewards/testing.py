@@ -603,3 +603,172 @@ def tiny_qwen_vl(kind: str = "qwen2_5_vl", seed: int = 0, *, hidden_size: int = 
     with _seeded(seed):
         model = model_cls(tiny_qwen_vl_config(kind, hidden_size=hidden_size)).eval()
     return model, tiny_qwen_vl_processor(kind)
+
+
+# ---------------------------------------------------------------- a stub OpenAI-compatible server
+
+
+class StubChatServer:
+    """A local HTTP server in a thread that answers ``POST /v1/chat/completions`` with
+    ``respond(body, headers) -> (status, payload)``: a payload that is a dict is sent as JSON, bytes
+    as they are, ``"drop"`` closes the connection without a reply; ``delay`` seconds pass before any
+    answer. It records every request body and header set and the most requests handled at once
+    (``max_active``). Use as a context manager; ``base_url`` ends in ``/v1``."""
+
+    def __init__(self, respond: Any, delay: float = 0.0) -> None:
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.respond, self.delay = respond, delay
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.active = self.max_active = 0
+        lock, stub = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                with lock:
+                    stub.active += 1
+                    stub.max_active = max(stub.max_active, stub.active)
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                    with lock:
+                        stub.bodies.append(body)
+                        stub.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    time.sleep(stub.delay)
+                    status, payload = stub.respond(body, dict(self.headers))
+                    if isinstance(payload, str) and payload == "drop":
+                        self.close_connection = True
+                        return
+                    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+                finally:
+                    with lock:
+                        stub.active -= 1
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StubChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_reply(content: str) -> dict[str, Any]:
+    """A minimal chat completion whose message is ``content``."""
+    message = {"role": "assistant", "content": content}
+    return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+
+def logprobs_reply(top: dict[str, float]) -> dict[str, Any]:
+    """A chat completion of one token with vLLM's ``logprobs`` layout: ``top`` maps token text to
+    probability, listed as ``top_logprobs`` (most likely first)."""
+    import math
+
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])
+    entries = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in ranked]
+    content = [{**entries[0], "top_logprobs": entries}]
+    message = {"role": "assistant", "content": ranked[0][0]}
+    choice = {"index": 0, "message": message, "logprobs": {"content": content}, "finish_reason": "length"}
+    return {"choices": [choice]}
+
+
+# ---------------------------------------------------------------- tiny HPSv3 in the published layout
+
+
+def _flat_qwen2_vl_config(config: Any) -> dict[str, Any]:
+    """``config`` as Qwen2-VL-7B-Instruct's ``config.json`` writes it (transformers 4.4x's flat layout:
+    text settings at the top, ``rope_scaling`` of type "mrope"), which the loaders must read."""
+    t, v = config.text_config, config.vision_config
+    rope = t.rope_parameters
+    keys = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads"
+    keys += " num_key_value_heads hidden_act max_position_embeddings rms_norm_eps bos_token_id eos_token_id"
+    flat = {k: getattr(t, k) for k in keys.split()}
+    flat |= {k: getattr(config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+    vision = {k: getattr(v, k) for k in ("depth", "embed_dim", "hidden_size", "mlp_ratio", "num_heads")}
+    vision |= {k: getattr(v, k) for k in ("patch_size", "spatial_merge_size", "temporal_patch_size")}
+    return flat | {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "vision_end_token_id": config.vision_end_token_id,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"type": "mrope", "mrope_section": list(rope["mrope_section"])},
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "torch_dtype": "float32",
+        "vision_config": vision | {"in_chans": 3, "spatial_patch_size": v.patch_size},
+    }
+
+
+# a stand-in for HPSv3's published user turn, in the same shape: the prompt inside, then the query
+# ending in the reward token (the real text is the user's copy, see rewards.preference.read_hpsv3_instruction)
+TINY_HPSV3_INSTRUCTION = (
+    "\nRate this generated image for visual quality and for how well it follows the prompt. \n"
+    "Textual prompt - {prompt}\n\n\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
+)
+
+
+def tiny_hpsv3_checkpoint(folder: Any, seed: int = 0, *, hidden_size: int = 64) -> tuple[Any, Any, Any]:
+    """Write a random tiny HPSv3 in the published layout under ``folder`` and return
+    ``(base, checkpoint, instruction)``: ``instruction`` = ``folder/instruction.txt``
+    (:data:`TINY_HPSV3_INSTRUCTION`), ``base`` = ``folder/Qwen2-VL``, laid out as a local copy of
+    Qwen2-VL-7B-Instruct (``config.json`` in its flat layout, processor and tokenizer files, no weights:
+    the checkpoint holds them all) and ``checkpoint`` = ``folder/HPSv3.safetensors`` with the
+    published names: ``visual.*``, ``model.*`` (embeddings with one more row than the tokenizer, for
+    ``<|Reward|>``), ``lm_head.weight`` and ``rm_head.{0,3,5}.{weight,bias}`` (1024 -> 16 -> 2)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    base, checkpoint = Path(folder) / "Qwen2-VL", Path(folder) / "HPSv3.safetensors"
+    instruction = Path(folder) / "instruction.txt"
+    instruction.write_text(TINY_HPSV3_INSTRUCTION, encoding="utf-8")
+    model, processor = tiny_qwen_vl("qwen2_vl", seed, hidden_size=hidden_size)
+    processor.save_pretrained(base)
+    (base / "config.json").write_text(json.dumps(_flat_qwen2_vl_config(model.config), indent=2))
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.visual."):
+            key = key[len("model.") :]
+        elif key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model.") :]
+        state[key] = value
+    g = torch.Generator().manual_seed(seed + 1)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # the <|Reward|> row
+        state[key] = torch.cat([state[key], 0.02 * torch.randn(1, hidden_size, generator=g)])
+    for index, (out_f, in_f) in zip((0, 3, 5), ((1024, hidden_size), (16, 1024), (2, 16)), strict=True):
+        state[f"rm_head.{index}.weight"] = torch.randn(out_f, in_f, generator=g) * in_f**-0.5
+        state[f"rm_head.{index}.bias"] = 0.1 * torch.randn(out_f, generator=g)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
+    return base, checkpoint, instruction
+
+
+def tiny_hpsv3(seed: int = 0, *, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> Any:
+    """HPSv3 on :func:`tiny_hpsv3_checkpoint`, written to a temporary folder and loaded by
+    :func:`rewards.preference.hpsv3`; images become 56 x 56 (4 image tokens) unless ``kwargs`` say."""
+    import tempfile
+
+    from rewards.preference import hpsv3
+
+    kwargs = {"min_pixels": 56 * 56, "max_pixels": 56 * 56} | kwargs
+    with tempfile.TemporaryDirectory() as tmp:
+        base, checkpoint, instruction = tiny_hpsv3_checkpoint(tmp, seed)
+        return hpsv3(str(base), str(checkpoint), str(instruction), device=device, dtype=dtype, **kwargs)

@@ -25,6 +25,8 @@ def test_all_expected_configs_exist():
         "clip",
         "imagereward",
         "hps",
+        "hpsv3",
+        "face_identity",
         "pickscore",
         "spatial",
         "color",
