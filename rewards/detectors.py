@@ -116,11 +116,15 @@ def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def _scale_and_clip(boxes: Tensor, scale_w: float, scale_h: float, width: int, height: int) -> Tensor:
-    """Normalized xyxy -> pixels, clipped to the image (a box that spills over the edge still crops)."""
+def _scale_and_clip(
+    boxes: Tensor, scale_w: float, scale_h: float, width: int | None, height: int | None
+) -> Tensor:
+    """Normalized xyxy -> pixels, clipped to the image (a box that spills over the edge still crops);
+    ``width``/``height`` None: not clipped."""
     out = boxes.float() * torch.tensor([scale_w, scale_h, scale_w, scale_h], device=boxes.device)
-    out[:, 0::2] = out[:, 0::2].clamp(0, width)
-    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    if width is not None and height is not None:
+        out[:, 0::2] = out[:, 0::2].clamp(0, width)
+        out[:, 1::2] = out[:, 1::2].clamp(0, height)
     return out
 
 
@@ -150,6 +154,8 @@ class GroundingDinoDetector:
         size: side of the square input in pixels.
         max_batch: images per forward (None: all in one); bounds memory, same results.
         device, dtype: where and in which precision the model runs.
+        clip_boxes: clip boxes to the image (False: as predicted, possibly past the edges, which
+            PSRBench's released evaluation slices as they are; docs/method.md §6.2).
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class GroundingDinoDetector:
         max_batch: int | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
+        clip_boxes: bool = True,
     ) -> None:
         for name, v in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= v <= 1.0:
@@ -173,6 +180,7 @@ class GroundingDinoDetector:
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
         self.size = int(size)
         self.max_batch = max_batch
+        self.clip_boxes = bool(clip_boxes)
         self.max_text_len = int(model.config.max_text_len)
 
     def _encode_text(self, queries: list[list[str]]) -> tuple[Tensor, Tensor, list[list[tuple[int, int]]]]:
@@ -248,7 +256,10 @@ class GroundingDinoDetector:
             score, label = phrase.max(-1)
             keep = (probs[b].max(-1).values > self.box_threshold) & (score > self.text_threshold)
             h, w = im.shape[-2:]
-            results.append(Detections(_scale_and_clip(boxes[b][keep], w, h, w, h), score[keep], label[keep]))
+            limit = (w, h) if self.clip_boxes else (None, None)
+            results.append(
+                Detections(_scale_and_clip(boxes[b][keep], w, h, *limit), score[keep], label[keep])
+            )
         return results
 
 
@@ -431,6 +442,7 @@ def grounding_dino(
     max_batch: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    clip_boxes: bool = True,
 ) -> GroundingDinoDetector:
     """Grounding DINO from ``path`` (e.g. a local copy of ``IDEA-Research/grounding-dino-tiny``: the
     SwinT-OGC weights PSRBench uses): model and BERT tokenizer files from the same directory."""
@@ -451,6 +463,7 @@ def grounding_dino(
         max_batch=max_batch,
         device=device,
         dtype=dtype,
+        clip_boxes=clip_boxes,
     )
 
 

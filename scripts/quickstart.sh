@@ -25,6 +25,9 @@ echo "== 4/4 psr-eval: the RL model on the held-out records -> $OUT/eval"
 "$BIN/psr-eval" experiment=quickstart data=manifest data.manifest="$MANIFEST" data.heldout=2 \
   eval.split=heldout checkpoint="$OUT/rl" hydra.run.dir="$OUT/eval"
 
+echo "== report: the evaluation next to the paper's table, and the SFT / RL reward curves -> $OUT/report"
+"$BIN/psr-report" "$OUT/eval" "$OUT/sft" "$OUT/rl" --out "$OUT/report"
+
 cat <<MSG
 
 quickstart done in $(( $(date +%s) - start )) s. Outputs:
@@ -32,4 +35,5 @@ quickstart done in $(( $(date +%s) - start )) s. Outputs:
   SFT       $OUT/sft/checkpoints  metrics: $OUT/sft/metrics.jsonl  grids: $OUT/sft/images
   RL        $OUT/rl/checkpoints   metrics: $OUT/rl/metrics.jsonl   grids: $OUT/rl/images
   eval      $OUT/eval/summary.json  samples: $OUT/eval/samples
+  report    $OUT/report/report.md  (table, charts, contact sheets, curves)
 MSG

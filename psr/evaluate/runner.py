@@ -8,29 +8,38 @@ One run, top to bottom (:func:`main`):
   3. per record: condition once (prompt + references), ``eval.samples_per_prompt`` ODE samples from
      per-sample initial noise seeded by ``(seed, record id, sample index)`` (the ``eval`` domain of
      :mod:`psr.seeding`), so a sample is the same whatever the batch, the sharding or the resume;
-  4. per batch of ``eval.records_per_batch`` records: the reward on all its images in one call, the PNGs
+  4. per batch of ``eval.records_per_batch`` records: the reward on its images (one call per image size), the PNGs
      under ``samples/`` and one line per sample appended to the scores file (flushed per batch);
   5. rank 0 merges every rank's lines into ``scores.jsonl``, writes ``summary.json`` (mean / std /
      count per reward key, overall and per task kind) and ``grid.png`` (references | samples).
 
 Resume: a rerun in the same ``run_dir`` skips the samples already scored. Images are quantized to
 8 bits before scoring, so scoring the saved PNGs again (``psr-score``) gives the same numbers.
+
+``eval.source=results`` samples nothing: each record's ``result_path`` (PSRBench's field for the
+image a model under test produced) is read and scored as sample 0, so other models' outputs get the
+same numbers. A record whose image cannot be read is written with empty scores and an ``error``,
+and counted as ``excluded`` in the summary (the released scripts skip such records); a rerun keeps
+it as done, so delete its line from ``scores.jsonl`` to score the record once its image exists.
+
+Suites (``suite=psrbench``): a reward with ``score(images, inputs, kinds)`` (:class:`SuiteScorer`)
+is given each sample's task kind (its PSRBench subset), so it can pick a judge template or the
+position rule per sample; the summary then also holds ``overall``, the mean over kinds of each
+kind's mean (the paper's overall column: subsets weigh equally).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +49,9 @@ from torch import Tensor
 from psr import distributed
 from psr.checkpoint import checkpoint_fingerprint, find_checkpoint
 from psr.config import EvalSettings, settings
-from psr.data.dataset import PromptDataset, PromptRecord, open_image, to_tensor
+from psr.data.dataset import ImageLoadError, PromptDataset, PromptRecord, open_image, to_tensor
 from psr.data.sources import load_records
+from psr.evaluate.scores import drop_torn_tail, json_value, print_summary, read_scores, summarize
 from psr.logging import make_grid, progress
 from psr.models.lora import merge_lora, read_diffusers_lora
 from psr.resume import flatten, load_initial_weights
@@ -50,6 +60,14 @@ from psr.sampling.rollout import initial_noise, rollout
 from psr.seeding import derive_seed
 from psr.trainers import print_outputs, resolve_run_dir
 from rewards.base import RewardInputs, build_reward
+
+
+@runtime_checkable
+class SuiteScorer(Protocol):
+    """A benchmark's scorer: a reward that also needs each sample's task kind (e.g. PSRBench subset)."""
+
+    def score(self, images: Tensor, inputs: RewardInputs, kinds: Sequence[str]) -> dict[str, Tensor]: ...
+
 
 SCORES = "scores.jsonl"
 SUMMARY = "summary.json"
@@ -87,78 +105,6 @@ def to_pil(image: Tensor) -> Image.Image:
     """``[3, H, W]`` in [0, 1] -> an RGB PIL image."""
     arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr)
-
-
-def json_value(v: float) -> float | None:
-    """NaN (the reward does not apply) as JSON null."""
-    return None if math.isnan(v) else v
-
-
-def read_scores(path: Path) -> list[dict[str, Any]]:
-    """The lines of a scores file; a torn last line (a run killed mid-write) is ignored.
-
-    Raises:
-        ValueError: a line other than an unterminated last one is not JSON.
-    """
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:  # no newline after it: the write was cut short
-                continue
-            raise ValueError(
-                f"{path} line {i + 1} is not JSON ({err.msg}); delete the line to rescore it"
-            ) from err
-    return out
-
-
-def drop_torn_tail(path: Path) -> None:
-    """Truncate ``path`` after its last newline, so appended lines do not join a torn one."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, population std and count per reward key over the samples where it applies (not null),
-    overall and per task kind (records with an empty kind only count overall)."""
-
-    def stats(subset: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
-        values: dict[str, list[float]] = defaultdict(list)
-        for r in subset:
-            for k, v in r["scores"].items():
-                if v is not None:
-                    values[k].append(float(v))
-        keys = sorted({k for r in subset for k in r["scores"]})
-        out: dict[str, dict[str, float | int | None]] = {}
-        for k in keys:
-            arr = np.asarray(values[k], dtype=np.float64)
-            out[k] = {  # null mean / std: the key applies to no sample here
-                "mean": float(arr.mean()) if arr.size else None,
-                "std": float(arr.std()) if arr.size else None,
-                "count": int(arr.size),
-            }
-        return out
-
-    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r.get("kind"):
-            by_kind[r["kind"]].append(r)
-    return {
-        "count": len(rows),
-        "records": len({r["id"] for r in rows}),
-        "metrics": stats(rows),
-        "by_kind": {k: {"count": len(v), "metrics": stats(v)} for k, v in sorted(by_kind.items())},
-    }
 
 
 def to_plain(node: Any) -> Any:
@@ -201,6 +147,15 @@ class Evaluator:
         self.records_per_batch = e.records_per_batch
         self.grid_records = e.grid_records
         self.limit = e.limit
+        self.source = e.source
+        self.results_root = e.results_root
+        # results: the one image a model under test wrote per record
+        self.group = 1 if self.source == "results" else self.samples_per_prompt
+        if self.source == "results" and (cfg.get("checkpoint") or cfg.get("lora")):
+            raise ValueError(
+                "eval.source=results scores the records' result_path images; checkpoint= and lora= "
+                "name a model to sample, which this does not do (drop them or use eval.source=sample)"
+            )
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -216,16 +171,18 @@ class Evaluator:
         self.checkpoint = self._resolve_checkpoint(cfg.get("checkpoint"))
         self._check_settings()
         self.records = self._load_records()  # collective for data=synthetic (one writer, then all read)
-        self.policy = instantiate(cfg.model, device=str(self.device))
-        if self.checkpoint is not None:
-            read = load_initial_weights(
-                self.policy, cfg.checkpoint, fingerprint=self.checkpoint, key="checkpoint"
-            )
-            self._say(f"psr-eval: weights from {read}")
-        if cfg.get("lora"):
-            read = load_lora_file(self.policy, str(cfg.lora))
-            self._say(f"psr-eval: LoRA merged from {read}")
-        self.policy.eval()
+        self.policy: Any = None
+        if self.source == "sample":
+            self.policy = instantiate(cfg.model, device=str(self.device))
+            if self.checkpoint is not None:
+                read = load_initial_weights(
+                    self.policy, cfg.checkpoint, fingerprint=self.checkpoint, key="checkpoint"
+                )
+                self._say(f"psr-eval: weights from {read}")
+            if cfg.get("lora"):
+                read = load_lora_file(self.policy, str(cfg.lora))
+                self._say(f"psr-eval: LoRA merged from {read}")
+            self.policy.eval()
         self.reward = build_reward(cfg.reward, self.device)
 
     def _say(self, text: str) -> None:
@@ -265,6 +222,7 @@ class Evaluator:
         the settings and the checkpoint ``checkpoint=`` resolved to (a run directory that saved a newer
         checkpoint since names another model) must equal the first start's."""
         keep = ("model", "reward", "seed", "checkpoint", "lora", *(f"eval.{k}" for k in SAMPLING_KEYS))
+        keep += ("eval.source", "eval.results_root")
         settings = flatten({k: to_plain(OmegaConf.select(self.cfg, k)) for k in keep})
         settings.update(flatten({"checkpoint_resolved": self.checkpoint or {}}))
         path = self.run_dir / SETTINGS
@@ -312,11 +270,48 @@ class Evaluator:
         )
         return quantize(traj.images), seeds
 
+    def read_result(self, index: int) -> tuple[Tensor | None, str, str | None]:
+        """Record ``index``'s ``result_path`` image ``[1, 3, H, W]`` (None if unreadable), its path,
+        and the error. A relative path resolves against ``eval.results_root`` (null: the working
+        directory, as the released scripts open it)."""
+        sample = self.records.samples[index]
+        given = str((sample.provenance or {}).get("psrbench", {}).get("result_path") or "")
+        if not given:
+            return None, "", f"record {sample.id} has no result_path"
+        path = Path(os.path.expanduser(given))
+        if not path.is_absolute() and self.results_root:
+            path = Path(os.path.expanduser(self.results_root)) / path
+        try:
+            image = to_tensor(open_image(path, sample.id, "result_path"))
+        except ImageLoadError as err:  # recorded and counted as excluded, as the released scripts skip it
+            return None, str(path), str(err)
+        return image[None], str(path.resolve()), None
+
+    def _score(self, images: Tensor, records: list[PromptRecord]) -> dict[str, list[float]]:
+        inputs = RewardInputs.from_records(records)
+        if isinstance(self.reward, SuiteScorer):
+            scores = self.reward.score(images.to(self.device), inputs, [r.kind for r in records])
+        else:
+            scores = self.reward(images.to(self.device), inputs)
+        return {k: v.detach().float().cpu().tolist() for k, v in scores.items()}
+
+    def score_batch(self, images: list[Tensor], records: list[PromptRecord]) -> list[dict[str, float]]:
+        """Scores per sample; samples of one image size are scored together (results may differ in size)."""
+        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            by_size[tuple(im.shape)].append(i)
+        out: list[dict[str, float]] = [{} for _ in images]
+        for idx in by_size.values():
+            values = self._score(torch.stack([images[i] for i in idx]), [records[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = {k: v[j] for k, v in values.items()}
+        return out
+
     def run(self) -> int:
         """Sample and score this rank's missing samples; returns how many were scored."""
         done = self.done()
         distributed.barrier()  # every rank reads what is done before any rank appends
-        G = self.samples_per_prompt
+        G = self.group
         mine = list(range(self.rank, len(self.records), self.world))
         todo = [i for i in mine if any((self.records.samples[i].id, k) not in done for k in range(G))]
         self._say(
@@ -331,34 +326,40 @@ class Evaluator:
         bar = progress(len(todo), "psr-eval", self.rank, unit="record")
         with out_path.open("a", encoding="utf-8") as out:
             for chunk in batched(todo, self.records_per_batch):
-                images: list[Tensor] = []
+                images: list[Tensor] = []  # [3, H, W] each
                 rows: list[dict[str, Any]] = []
                 inputs: list[PromptRecord] = []
+                failed: list[dict[str, Any]] = []
                 for i in chunk:
                     rec = self.records[i]
+                    base: dict[str, Any] = {"id": rec.id, "prompt": rec.prompt, "kind": rec.kind}
+                    base["num_references"] = len(rec.references)
+                    if self.source == "results":
+                        image, path, error = self.read_result(i)
+                        if image is None:
+                            failed.append({**base, "sample": 0, "image": path, "error": error, "scores": {}})
+                            continue
+                        images.append(image[0])
+                        inputs.append(rec)
+                        rows.append({**base, "sample": 0, "image": path})
+                        continue
                     group, seeds = self.sample(rec)
                     missing = [k for k in range(G) if (rec.id, k) not in done]
-                    images.append(group[missing])
+                    images += list(group[missing].unbind(0))
                     inputs += [rec] * len(missing)
                     rows += [
-                        {
-                            "id": rec.id,
-                            "prompt": rec.prompt,
-                            "kind": rec.kind,
-                            "sample": k,
-                            "seed": seeds[k],
-                            "image": f"samples/{image_name(rec.id, k)}",
-                            "num_references": len(rec.references),
-                        }
+                        {**base, "sample": k, "seed": seeds[k], "image": f"samples/{image_name(rec.id, k)}"}
                         for k in missing
                     ]
-                batch = torch.cat(images)  # [B, 3, H, W]
-                scores = self.reward(batch.to(self.device), RewardInputs.from_records(inputs))
-                values = {k: v.detach().float().cpu().tolist() for k, v in scores.items()}
+                values = self.score_batch(images, inputs) if images else []
                 for b, row in enumerate(rows):
-                    to_pil(batch[b]).save(self.run_dir / row["image"])
-                    row["scores"] = {k: json_value(v[b]) for k, v in values.items()}
+                    if self.source != "results":
+                        to_pil(images[b]).save(self.run_dir / row["image"])
+                    row["scores"] = {k: json_value(v) for k, v in values[b].items()}
                     out.write(json.dumps(row) + "\n")
+                for row in failed:
+                    out.write(json.dumps(row) + "\n")
+                rows += failed
                 out.flush()  # a kill loses at most this batch
                 count += len(rows)
                 bar.update(len(chunk))
@@ -385,12 +386,13 @@ class Evaluator:
         os.replace(tmp, self.run_dir / SCORES)
         for f in files[1:]:
             f.unlink()
-        wanted = [r for r in rows if r["id"] in order and int(r["sample"]) < self.samples_per_prompt]
-        expected = len(self.records) * self.samples_per_prompt
+        wanted = [r for r in rows if r["id"] in order and int(r["sample"]) < self.group]
+        expected = len(self.records) * self.group
         if len(wanted) != expected:
             raise RuntimeError(f"psr-eval: {len(wanted)} of {expected} samples scored; rerun to finish")
         summary = summarize(wanted)
         summary["split"] = self.split
+        summary["source"] = self.source
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         self.write_grid(wanted)
         return summary
@@ -400,7 +402,8 @@ class Evaluator:
             return
         by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
-            by_id[r["id"]].append(r)
+            if not r.get("error"):
+                by_id[r["id"]].append(r)
         cells, captions = [], []
         for i in range(min(self.grid_records, len(self.records))):
             rec = self.records[i]
@@ -423,21 +426,6 @@ class Evaluator:
 
 def _caption(score: float | None) -> str:
     return "n/a" if score is None else f"{score:.3f}"
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """The summary as a table: key, mean, std, count; then per kind the combined score."""
-
-    def row(key: str, s: dict[str, Any]) -> str:
-        mean, std = (f"{s[k]:>9.4f}" if s[k] is not None else f"{'n/a':>9}" for k in ("mean", "std"))
-        return f"{key:<32} {mean} {std} {s['count']:>6}"
-
-    lines = [f"{'key':<32} {'mean':>9} {'std':>9} {'n':>6}"]
-    lines += [row(k, s) for k, s in summary["metrics"].items()]
-    for kind, block in summary["by_kind"].items():
-        if "score" in block["metrics"]:
-            lines.append(row(f"score [{kind}]", block["metrics"]["score"]))
-    print("\n".join(lines), flush=True)
 
 
 def main(cfg: DictConfig) -> None:
