@@ -772,3 +772,64 @@ def tiny_hpsv3(seed: int = 0, *, device: str = "cpu", dtype: str = "float32", **
     with tempfile.TemporaryDirectory() as tmp:
         base, checkpoint, instruction = tiny_hpsv3_checkpoint(tmp, seed)
         return hpsv3(str(base), str(checkpoint), str(instruction), device=device, dtype=dtype, **kwargs)
+
+
+
+def tiny_qwen3_vl(seed: int = 0, *, hidden_size: int = 64) -> tuple[Any, Any]:
+    """``(model, processor)``: a random tiny Qwen3-VL (2 text layers, a 1-block vision tower with
+    16 px patches and one deepstack level) over :func:`qwen_tokenizer`, eval mode, fp32."""
+    import transformers as tf
+
+    tok = qwen_tokenizer()
+    ids = {
+        t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("endoftext", "im_end", "image_pad", "video_pad")
+    }
+    head_dim = hidden_size // 2
+    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": section,
+            "mrope_interleaved": True,
+        },
+        bos_token_id=ids["endoftext"],
+        eos_token_id=ids["im_end"],
+        pad_token_id=ids["endoftext"],
+    )
+    vision: dict[str, Any] = dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2
+    )
+    vision |= dict(
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )
+    config = tf.Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    with _seeded(seed):
+        model = tf.Qwen3VLForConditionalGeneration(config).eval()
+    size = {"shortest_edge": 64 * 64, "longest_edge": 4 * 64 * 64}
+    processor = tf.Qwen3VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2),
+        video_processor=tf.Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2),
+        tokenizer=tok,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
