@@ -45,16 +45,18 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-def resolve_checkpoint(path: str | os.PathLike, *, config_key: str = "model.path") -> Path:
+def resolve_checkpoint(
+    path: str | os.PathLike, *, config_key: str = "model.path", layout: str = _EXPECTED_LAYOUT
+) -> Path:
     """A local diffusers directory, or a hub id already in the Hugging Face cache, as a local path.
 
     Raises:
-        FileNotFoundError: naming ``config_key`` and the expected layout when neither exists.
+        FileNotFoundError: naming ``config_key`` and the expected ``layout`` when neither exists.
     """
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
         if not (p / "model_index.json").is_file() and not (p / "transformer").is_dir():
-            raise FileNotFoundError(f"{config_key}={path!s}: directory exists but is not {_EXPECTED_LAYOUT}")
+            raise FileNotFoundError(f"{config_key}={path!s}: directory exists but is not {layout}")
         return p
     if "/" in str(path) and not str(path).startswith(("/", ".", "~")):
         from huggingface_hub import snapshot_download
@@ -67,9 +69,9 @@ def resolve_checkpoint(path: str | os.PathLike, *, config_key: str = "model.path
                 f"{config_key}={path!s}: not a local directory and not in the Hugging Face cache "
                 f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); psr never downloads. "
                 f"Download it yourself (huggingface-cli download {path}) or point {config_key} at "
-                f"{_EXPECTED_LAYOUT}."
+                f"{layout}."
             ) from err
-    raise FileNotFoundError(f"{config_key}={path!s} does not exist; expected {_EXPECTED_LAYOUT}")
+    raise FileNotFoundError(f"{config_key}={path!s} does not exist; expected {layout}")
 
 
 def flux_kontext_components(

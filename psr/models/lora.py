@@ -36,7 +36,9 @@ __all__ = [
     "merge_lora",
 ]
 
-# Flow-GRPO's and diffusers' FLUX LoRA targets: joint attention of double and single blocks.
+# Flow-GRPO's and diffusers' FLUX LoRA targets: joint attention of double and single blocks (FLUX.1,
+# Qwen-Image); FLUX.2's single blocks hold their attention input in one fused projection
+# (attn.to_qkv_mlp_proj). A target that matches no module of a backbone is skipped.
 DEFAULT_TARGETS = (
     "attn.to_q",
     "attn.to_k",
@@ -46,6 +48,7 @@ DEFAULT_TARGETS = (
     "attn.add_k_proj",
     "attn.add_v_proj",
     "attn.to_add_out",
+    "attn.to_qkv_mlp_proj",
 )
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
 _LORA_KEY = re.compile(r"^(?:transformer\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")

@@ -1,4 +1,9 @@
-"""FlowPolicy: a FLUX.1 Kontext transformer that takes any number of reference images.
+"""The Policy protocol every backbone meets, and FlowPolicy: a FLUX.1 Kontext transformer that takes
+any number of reference images.
+
+Backbones: :class:`FlowPolicy` (FLUX.1 Kontext, here), :class:`psr.models.flux2_klein.Flux2KleinPolicy`
+(FLUX.2 klein), :class:`psr.models.qwen_image_edit.QwenImageEditPolicy` (Qwen-Image-Edit-Plus).
+Samplers, objectives and trainers use only what :class:`Policy` lists.
 
 The transformer accepts any number of tokens; only diffusers' pipeline is limited to one context
 image. The policy packs each reference's VAE latent into tokens, appends them after the target
@@ -13,8 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,70 @@ from torch import Tensor, nn
 
 from psr.models.positions import SCHEMES, fit_to_area, grid_ids, reference_ids
 from psr.types import Conditioning
+
+
+class Policy(Protocol):
+    """What the sampler (:mod:`psr.sampling.rollout`), the objectives and the trainers use of a backbone.
+
+    A conditioning is the backbone's own frozen dataclass (:mod:`psr.types`); the code outside the
+    backbone reads only its ``prompt``, ``height``, ``width``, ``num_references``,
+    ``num_target_tokens`` and ``ref_tokens`` (``[1, R, C]`` clean reference tokens in the target
+    tokens' space, for FocusDPO's patch weighting).
+    """
+
+    transformer: Any  # the trained network: LoRA targets, engine, checkpoints, merges
+    scheduler_config: dict[str, Any]  # the scheduler's config (SFT's "flux" timestep shift reads it)
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def condition(self, prompt: str, references: Sequence[Tensor], height: int, width: int) -> Any:
+        """Text and reference encodings of one prompt group, once (references ``[3, h, w]`` in [0, 1])."""
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor | float, cond: Any) -> Tensor:
+        """Velocity ``[B, N, C]`` on noisy target tokens ``x`` ``[B, N, C]`` at ``sigma`` (scalar or
+        ``[B]``), guidance as the model defines it (distilled, or true CFG with both branches)."""
+        ...
+
+    def schedule(self, cond: Any, num_steps: int) -> Tensor:
+        """``[K+1]`` fp32 sigmas ``1 = s_0 > ... > s_K = 0``, as the model's own pipeline makes them."""
+        ...
+
+    def initial_noise(
+        self, cond: Any, batch: int, generator: torch.Generator | None, same_noise: bool = False
+    ) -> Tensor:
+        """``[B, N, C]`` fp32 noise, drawn in the layout the model's pipeline draws it."""
+        ...
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] -> clean target tokens ``[B, N, C]``."""
+        ...
+
+    def decode(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        """Target tokens ``[B, N, C]`` -> images ``[B, 3, H, W]`` in [0, 1], fp32."""
+        ...
+
+    def stack_conditionings(self, conds: list[Any]) -> list[tuple[list[int], Any]]:
+        """Per-sample conditionings grouped into batched ones that one forward takes (SFT)."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def reference_policy(self) -> AbstractContextManager[None]:
+        """Within the block the policy is the reference policy (adapters off, or the frozen copy)."""
+        ...
+
+    def keep_reference_copy(self) -> None:
+        """Full fine-tuning: keep a frozen copy of the transformer as the reference policy."""
+        ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -152,6 +221,36 @@ class FlowPolicy(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def schedule(self, cond: Conditioning, num_steps: int) -> Tensor:
+        """``[K+1]`` fp32 sigmas with the scheduler's shift rule for this target size (FluxKontextPipeline's)."""
+        from psr.sampling import sde
+
+        cfg = self.scheduler_config
+        if cfg.get("use_dynamic_shifting", False):
+            return sde.flow_sigmas(
+                num_steps,
+                image_seq_len=cond.num_target_tokens,
+                base_seq_len=cfg.get("base_image_seq_len", 256),
+                max_seq_len=cfg.get("max_image_seq_len", 4096),
+                base_shift=cfg.get("base_shift", 0.5),
+                max_shift=cfg.get("max_shift", 1.15),
+            )
+        return sde.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0))
+
+    def initial_noise(
+        self, cond: Conditioning, batch: int, generator: torch.Generator | None, same_noise: bool = False
+    ) -> Tensor:
+        """Packed ``[B, N, C]`` fp32 noise drawn in the unpacked ``[B, C/4, 2h, 2w]`` layout, as diffusers does."""
+        h, w = self.token_grid(cond.height, cond.width)
+        channels = self.transformer.config.in_channels // 4
+        n = 1 if same_noise else batch
+        noise = torch.randn(
+            n, channels, 2 * h, 2 * w, generator=generator, device=self.device, dtype=torch.float32
+        )
+        return pack_latents(noise).expand(batch, -1, -1).contiguous()
+
+    stack_conditionings = staticmethod(stack_conditionings)
 
     def train(self, mode: bool = True) -> FlowPolicy:
         """Train mode for the transformer only: the frozen text encoders and VAE stay in eval mode

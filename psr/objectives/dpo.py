@@ -39,7 +39,7 @@ from psr.types import Trajectory
 
 if TYPE_CHECKING:
     from psr.engine import Engine
-    from psr.models.policy import FlowPolicy
+    from psr.models.policy import Policy
 
 __all__ = [
     "DPOObjective",
@@ -305,7 +305,7 @@ class DPOObjective:
 
     def update(
         self,
-        policy: FlowPolicy,
+        policy: Policy,
         engine: Engine,
         trajs: Sequence[Trajectory],
         rewards: StepRewards,
@@ -345,7 +345,7 @@ class DPOObjective:
         )
 
     def _pair_loss(
-        self, policy: FlowPolicy, engine: Engine, traj: Trajectory, pairs: Tensor, gen: torch.Generator
+        self, policy: Policy, engine: Engine, traj: Trajectory, pairs: Tensor, gen: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Shared (t, noise) for winner and loser, as Diffusion-DPO prescribes."""
         x0 = traj.latents[:, -1]  # [G, N, C] clean latents

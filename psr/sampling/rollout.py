@@ -1,4 +1,4 @@
-"""Group rollouts of a :class:`~psr.models.policy.FlowPolicy` with per-step log-probs.
+"""Group rollouts of a :class:`~psr.models.policy.Policy` with per-step log-probs.
 
 ``rollout`` samples G images of one prompt group with the SDE on a window of steps (ODE elsewhere)
 and stores every latent, so :func:`step_log_prob` can recompute the log-prob of any stored step
@@ -10,24 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from psr.models.policy import FlowPolicy, pack_latents
+from psr.models.policy import Policy
 from psr.sampling import sde
-from psr.types import Conditioning, Trajectory
+from psr.types import AnyConditioning, Trajectory
 
 
-def schedule(policy: FlowPolicy, cond: Conditioning, num_steps: int) -> Tensor:
+def schedule(policy: Policy, cond: AnyConditioning, num_steps: int) -> Tensor:
     """``[K+1]`` fp32 sigmas with the model scheduler's shift rule for this target size."""
-    cfg = policy.scheduler_config
-    if cfg.get("use_dynamic_shifting", False):
-        return sde.flow_sigmas(
-            num_steps,
-            image_seq_len=cond.num_target_tokens,
-            base_seq_len=cfg.get("base_image_seq_len", 256),
-            max_seq_len=cfg.get("max_image_seq_len", 4096),
-            base_shift=cfg.get("base_shift", 0.5),
-            max_shift=cfg.get("max_shift", 1.15),
-        )
-    return sde.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0))
+    return policy.schedule(cond, num_steps)
 
 
 def sde_steps(num_steps: int, window: tuple[int, int] | None, method: str) -> Tensor:
@@ -45,26 +35,20 @@ def sde_steps(num_steps: int, window: tuple[int, int] | None, method: str) -> Te
 
 
 def initial_noise(
-    policy: FlowPolicy,
-    cond: Conditioning,
+    policy: Policy,
+    cond: AnyConditioning,
     batch: int,
     generator: torch.Generator | None,
     same_noise: bool = False,
 ) -> Tensor:
-    """Packed ``[B, N, C]`` fp32 noise drawn in the unpacked ``[B, C/4, 2h, 2w]`` layout, as diffusers does."""
-    h, w = policy.token_grid(cond.height, cond.width)
-    channels = policy.transformer.config.in_channels // 4
-    n = 1 if same_noise else batch
-    noise = torch.randn(
-        n, channels, 2 * h, 2 * w, generator=generator, device=policy.device, dtype=torch.float32
-    )
-    return pack_latents(noise).expand(batch, -1, -1).contiguous()
+    """Packed ``[B, N, C]`` fp32 noise, drawn in the layout the model's own pipeline draws it."""
+    return policy.initial_noise(cond, batch, generator, same_noise)
 
 
 @torch.no_grad()
 def rollout(
-    policy: FlowPolicy,
-    cond: Conditioning,
+    policy: Policy,
+    cond: AnyConditioning,
     group_size: int,
     *,
     num_steps: int = 28,
@@ -81,7 +65,7 @@ def rollout(
 
     Args:
         policy: the model; run in eval mode, no gradients.
-        cond: from :meth:`FlowPolicy.condition`.
+        cond: from the policy's ``condition``.
         num_steps: K denoising steps.
         method: ``flow_grpo`` | ``dance`` | ``cps`` | ``ode`` (see :mod:`psr.sampling.sde`).
         noise_level: a (Flow-GRPO, CPS) or eta (DanceGRPO).
@@ -132,7 +116,7 @@ def rollout(
 
 
 def step_log_prob(
-    policy: FlowPolicy, traj: Trajectory, step: int, index: Tensor | slice | None = None
+    policy: Policy, traj: Trajectory, step: int, index: Tensor | slice | None = None
 ) -> sde.SDEStep:
     """Recompute ``log p(x_{k+1} | x_k)`` of stored samples under the current policy, with gradients.
 
