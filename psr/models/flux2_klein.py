@@ -16,22 +16,20 @@ downloads) and :func:`tiny_flux2_klein` (random toy weights built in code, for t
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from psr.models.builders import TINY_VAE_WEIGHTS, parse_dtype, resolve_checkpoint
-from psr.models.policy import pack_latents, unpack_latents
+from psr.models.policy import PolicyBase, pack_latents, unpack_latents
 from psr.types import Flux2KleinConditioning
 
 __all__ = [
@@ -103,12 +101,13 @@ def _grid_ids(height: int, width: int, t: int = 0) -> Tensor:
     return ids.reshape(height * width, 4)
 
 
-class Flux2KleinPolicy(nn.Module):
+class Flux2KleinPolicy(PolicyBase):
     """FLUX.2 klein meeting :class:`psr.models.policy.Policy`. Only the transformer is trained."""
 
     transformer: Any
     vae: Any
     text_encoder: Any
+    frozen = ("vae", "text_encoder")
 
     def __init__(
         self,
@@ -151,37 +150,7 @@ class Flux2KleinPolicy(nn.Module):
         self.lora_targets = LORA_TARGETS
         self._prompt_cache: OrderedDict[str, Tensor] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
-        for m in (vae, text_encoder):
-            m.requires_grad_(False)
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def multiple(self) -> int:
-        """Pixel sizes must be multiples of this (VAE factor x 2x2 patchify)."""
-        return self.vae_scale_factor * 2
-
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.multiple, width // self.multiple
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> Flux2KleinPolicy:
-        """Train mode for the transformer only; the VAE (its batch norm!) and Qwen3 stay in eval."""
-        super().train(mode)
-        for m in (self.vae, self.text_encoder):
-            m.eval()
-        return self
+        self._freeze(gradient_checkpointing)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -429,38 +398,6 @@ class Flux2KleinPolicy(nn.Module):
             return out
         pos, neg = out[:b], out[b:]
         return neg + float(cond.guidance_scale) * (pos - neg)  # type: ignore[arg-type]
-
-    def forward(self, x: Tensor, sigma: Tensor | float, cond: Flux2KleinConditioning) -> Tensor:
-        return self.velocity(x, sigma, cond)
-
-    # ------------------------------------------------------------------ reference policy
-    @contextmanager
-    def reference_policy(self) -> Iterator[None]:
-        """The same network with its LoRA adapters off, or the frozen copy of
-        :meth:`keep_reference_copy` (full fine-tuning)."""
-        reference = self.__dict__.get("_reference")
-        if reference is not None:
-            live = self.transformer
-            self.transformer = reference
-            try:
-                yield
-            finally:
-                self.transformer = live
-            return
-        if not getattr(self.transformer, "peft_config", None):
-            raise RuntimeError(
-                "the reference policy needs LoRA adapters (train.mode=lora) or, with train.mode=full, "
-                "a frozen copy (keep_reference_copy)"
-            )
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def keep_reference_copy(self) -> None:
-        """A frozen copy of the transformer as the reference policy, outside every state dict."""
-        self.__dict__["_reference"] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------------------------------------- builders

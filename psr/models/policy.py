@@ -153,7 +153,91 @@ def stack_conditionings(conds: list[Conditioning]) -> list[tuple[list[int], Cond
     return out
 
 
-class FlowPolicy(nn.Module):
+class PolicyBase(nn.Module):
+    """What every backbone's policy shares: a trained ``transformer`` beside frozen encoders (named in
+    ``frozen``), device / dtype of the transformer, the pixel multiple, train mode for the transformer
+    only, and the reference policy (adapters off, or a frozen copy for full fine-tuning)."""
+
+    transformer: Any
+    vae_scale_factor: int
+    frozen: tuple[str, ...] = ()  # attribute names of the modules kept frozen and in eval mode
+
+    def _freeze(self, gradient_checkpointing: bool) -> None:
+        """Freeze the modules named in ``frozen``; gradient checkpointing on the transformer if asked."""
+        for name in self.frozen:
+            getattr(self, name).requires_grad_(False)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def multiple(self) -> int:
+        """Pixel sizes must be multiples of this (VAE factor x 2x2 packing)."""
+        return self.vae_scale_factor * 2
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Pixel size -> token grid (rows, cols), as diffusers' pipelines compute it."""
+        return height // self.multiple, width // self.multiple
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> Any:
+        """Train mode for the transformer only: the frozen encoders and VAE stay in eval mode (text
+        encoder dropout would otherwise change cached prompt embeddings between runs; FLUX.2's VAE
+        batch norm its statistics)."""
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def velocity(self, x: Tensor, sigma: Tensor | float, cond: Any) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Any) -> Tensor:
+        return self.velocity(x, sigma, cond)
+
+    @contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """Within the block, this policy is the reference policy (for KL and DPO): the same network
+        with its LoRA adapters switched off, or, for full fine-tuning, the frozen copy made by
+        :meth:`keep_reference_copy`."""
+        reference = self.__dict__.get("_reference")
+        if reference is not None:
+            live = self.transformer
+            self.transformer = reference
+            try:
+                yield
+            finally:
+                self.transformer = live
+            return
+        if not getattr(self.transformer, "peft_config", None):
+            raise RuntimeError(
+                "the reference policy needs LoRA adapters (train.mode=lora) or, with train.mode=full, "
+                "a frozen copy (keep_reference_copy)"
+            )
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def keep_reference_copy(self) -> None:
+        """Keep a frozen copy of the transformer as the reference policy (full fine-tuning with a KL
+        term or DPO); it is not a registered submodule, so it is in no state dict or optimizer."""
+        import copy
+
+        self.__dict__["_reference"] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+
+class FlowPolicy(PolicyBase):
     """The multi-reference flow model. Only the transformer (or its LoRA) is ever trained."""
 
     # diffusers / transformers modules (typed loosely: their configs are dynamic attributes)
@@ -161,6 +245,7 @@ class FlowPolicy(nn.Module):
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
+    frozen = ("vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -196,32 +281,9 @@ class FlowPolicy(nn.Module):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._prompt_cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
-        for m in (vae, text_encoder, text_encoder_2):
-            m.requires_grad_(False)
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self._freeze(gradient_checkpointing)
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def multiple(self) -> int:
-        """Pixel sizes must be multiples of this (VAE factor x 2x2 packing)."""
-        return self.vae_scale_factor * 2
-
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Pixel size -> token grid (rows, cols), as diffusers' Flux pipelines compute it."""
-        return height // self.multiple, width // self.multiple
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
+    # ------------------------------------------------------------------ schedule and noise
     def schedule(self, cond: Conditioning, num_steps: int) -> Tensor:
         """``[K+1]`` fp32 sigmas with the scheduler's shift rule for this target size (FluxKontextPipeline's)."""
         from psr.sampling import sde
@@ -251,14 +313,6 @@ class FlowPolicy(nn.Module):
         return pack_latents(noise).expand(batch, -1, -1).contiguous()
 
     stack_conditionings = staticmethod(stack_conditionings)
-
-    def train(self, mode: bool = True) -> FlowPolicy:
-        """Train mode for the transformer only: the frozen text encoders and VAE stay in eval mode
-        (T5's dropout would otherwise change cached prompt embeddings between runs)."""
-        super().train(mode)
-        for m in (self.vae, self.text_encoder, self.text_encoder_2):
-            m.eval()
-        return self
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -417,40 +471,3 @@ class FlowPolicy(nn.Module):
             return_dict=False,
         )[0]
         return out[:, :n]
-
-    def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning) -> Tensor:
-        return self.velocity(x, sigma, cond)
-
-    # ------------------------------------------------------------------ reference policy
-    @contextmanager
-    def reference_policy(self) -> Iterator[None]:
-        """Within the block, this policy is the reference policy (for KL and DPO): the same network
-        with its LoRA adapters switched off, or, for full fine-tuning, the frozen copy made by
-        :meth:`keep_reference_copy`."""
-        reference = self.__dict__.get("_reference")
-        if reference is not None:
-            live = self.transformer
-            self.transformer = reference
-            try:
-                yield
-            finally:
-                self.transformer = live
-            return
-        if not getattr(self.transformer, "peft_config", None):
-            raise RuntimeError(
-                "the reference policy needs LoRA adapters (train.mode=lora) or, with train.mode=full, "
-                "a frozen copy (FlowPolicy.keep_reference_copy)"
-            )
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def keep_reference_copy(self) -> None:
-        """Keep a frozen copy of the transformer as the reference policy (full fine-tuning with a KL
-        term or DPO); it is not a registered submodule, so it is in no state dict or optimizer."""
-        import copy
-
-        reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        self.__dict__["_reference"] = reference

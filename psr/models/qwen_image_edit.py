@@ -18,19 +18,17 @@ Builders: :func:`qwen_image_edit_plus` (a local diffusers-layout folder or a fil
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from psr.models.builders import parse_dtype, resolve_checkpoint
-from psr.models.policy import pack_latents, unpack_latents
+from psr.models.policy import PolicyBase, pack_latents, unpack_latents
 from psr.sampling.sde import calculate_shift
 from psr.types import QwenImageEditConditioning
 
@@ -78,12 +76,13 @@ def _to_pil(image: Tensor) -> Any:
     return Image.fromarray(array)
 
 
-class QwenImageEditPolicy(nn.Module):
+class QwenImageEditPolicy(PolicyBase):
     """Qwen-Image-Edit-Plus meeting :class:`psr.models.policy.Policy`. Only the transformer is trained."""
 
     transformer: Any
     vae: Any
     text_encoder: Any
+    frozen = ("vae", "text_encoder")
 
     def __init__(
         self,
@@ -117,36 +116,7 @@ class QwenImageEditPolicy(nn.Module):
         self.reference_area = reference_area
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-        for m in (vae, text_encoder):
-            m.requires_grad_(False)
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def multiple(self) -> int:
-        return self.vae_scale_factor * 2
-
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.multiple, width // self.multiple
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> QwenImageEditPolicy:
-        """Train mode for the transformer only; Qwen2.5-VL and the VAE stay in eval."""
-        super().train(mode)
-        for m in (self.vae, self.text_encoder):
-            m.eval()
-        return self
+        self._freeze(gradient_checkpointing)
 
     # ------------------------------------------------------------------ text (with the references)
     @torch.no_grad()
@@ -331,38 +301,6 @@ class QwenImageEditPolicy(nn.Module):
         neg = self._branch(hidden, timestep, cond.negative_prompt_embeds, cond.negative_prompt_mask, cond)
         combined = neg + cond.true_cfg_scale * (pos - neg)
         return combined * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
-
-    def forward(self, x: Tensor, sigma: Tensor | float, cond: QwenImageEditConditioning) -> Tensor:
-        return self.velocity(x, sigma, cond)
-
-    # ------------------------------------------------------------------ reference policy
-    @contextmanager
-    def reference_policy(self) -> Iterator[None]:
-        """The same network with its LoRA adapters off, or the frozen copy of
-        :meth:`keep_reference_copy` (full fine-tuning)."""
-        reference = self.__dict__.get("_reference")
-        if reference is not None:
-            live = self.transformer
-            self.transformer = reference
-            try:
-                yield
-            finally:
-                self.transformer = live
-            return
-        if not getattr(self.transformer, "peft_config", None):
-            raise RuntimeError(
-                "the reference policy needs LoRA adapters (train.mode=lora) or, with train.mode=full, "
-                "a frozen copy (keep_reference_copy)"
-            )
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def keep_reference_copy(self) -> None:
-        """A frozen copy of the transformer as the reference policy, outside every state dict."""
-        self.__dict__["_reference"] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------------------------------------- builders
