@@ -74,6 +74,41 @@ def resolve_checkpoint(
     raise FileNotFoundError(f"{config_key}={path!s} does not exist; expected {layout}")
 
 
+def load_components(
+    path: str | os.PathLike,
+    loaders: dict[str, tuple[Any, str | None]],
+    *,
+    layout: str,
+    dtype: str | torch.dtype = "bfloat16",
+    text_encoder_dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    text_encoder_device: str | torch.device | None = None,
+    config_key: str = "model.path",
+) -> tuple[Path, dict[str, Any]]:
+    """Every component of a diffusers-layout checkpoint, offline: ``loaders`` maps each subfolder to
+    ``(class, dtype keyword)`` (``"torch_dtype"`` for diffusers models, ``"dtype"`` for transformers
+    models, None for tokenizers, processors and schedulers). Models are frozen, in eval mode, on
+    ``device`` (text encoders, named ``text_encoder*``, on ``text_encoder_device`` when given, in
+    ``text_encoder_dtype`` when given). Returns the resolved root and the components."""
+    root = resolve_checkpoint(path, config_key=config_key, layout=layout)
+    missing = [name for name in loaders if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{config_key}={path!s}: missing subfolders {missing}; expected {layout}")
+    dt = parse_dtype(dtype)
+    te_dt = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dt
+    comps: dict[str, Any] = {}
+    for name, (cls, dtype_kw) in loaders.items():
+        is_text = name.startswith("text_encoder")
+        kw: dict[str, Any] = {"local_files_only": True}
+        if dtype_kw is not None:
+            kw[dtype_kw] = te_dt if is_text else dt
+        comps[name] = cls.from_pretrained(root / name, **kw)
+        if dtype_kw is not None:
+            where = text_encoder_device if is_text and text_encoder_device else device
+            comps[name].to(where).requires_grad_(False).eval()
+    return root, comps
+
+
 def flux_kontext_components(
     path: str | os.PathLike,
     *,
@@ -90,34 +125,31 @@ def flux_kontext_components(
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # type: ignore[attr-defined]
 
-    root = resolve_checkpoint(path, config_key=config_key)
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{config_key}={path!s}: missing subfolders {missing}; expected {_EXPECTED_LAYOUT}"
-        )
-    dt = parse_dtype(dtype)
-    te_dt = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dt
-    kw: dict[str, Any] = {"local_files_only": True}
     tokenizer_2_cls: Any = T5TokenizerFast
-    if (root / "tokenizer_2" / "added_tokens.json").is_file() and not (
-        root / "tokenizer_2" / "spiece.model"
-    ).is_file():
+    tokenizer_2 = resolve_checkpoint(path, config_key=config_key) / "tokenizer_2"
+    if (tokenizer_2 / "added_tokens.json").is_file() and not (tokenizer_2 / "spiece.model").is_file():
         from transformers import ByT5Tokenizer
 
         tokenizer_2_cls = ByT5Tokenizer  # the tiny model's byte-level tokenizer
-    comps: dict[str, Any] = {
-        "transformer": FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dt, **kw),
-        "vae": AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dt, **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", dtype=te_dt, **kw),
-        "text_encoder_2": T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=te_dt, **kw),
-        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer", **kw),
-        "tokenizer_2": tokenizer_2_cls.from_pretrained(root / "tokenizer_2", **kw),
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", **kw),
+    loaders: dict[str, tuple[Any, str | None]] = {
+        "transformer": (FluxTransformer2DModel, "torch_dtype"),
+        "vae": (AutoencoderKL, "torch_dtype"),
+        "text_encoder": (CLIPTextModel, "dtype"),
+        "text_encoder_2": (T5EncoderModel, "dtype"),
+        "tokenizer": (CLIPTokenizer, None),
+        "tokenizer_2": (tokenizer_2_cls, None),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, None),
     }
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        where = text_encoder_device if name.startswith("text_encoder") and text_encoder_device else device
-        comps[name].to(where).requires_grad_(False).eval()
+    _, comps = load_components(
+        path,
+        loaders,
+        layout=_EXPECTED_LAYOUT,
+        dtype=dtype,
+        text_encoder_dtype=text_encoder_dtype,
+        device=device,
+        text_encoder_device=text_encoder_device,
+        config_key=config_key,
+    )
     return comps
 
 

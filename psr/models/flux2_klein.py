@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from psr.models.builders import TINY_VAE_WEIGHTS, parse_dtype, resolve_checkpoint
+from psr.models.builders import TINY_VAE_WEIGHTS, load_components, parse_dtype
 from psr.models.policy import PolicyBase, pack_latents, unpack_latents
 from psr.types import Flux2KleinConditioning
 
@@ -417,30 +417,27 @@ def flux2_klein_components(
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    root = resolve_checkpoint(path, config_key=config_key, layout=_EXPECTED_LAYOUT)
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{config_key}={path!s}: missing subfolders {missing}; expected {_EXPECTED_LAYOUT}"
-        )
+    loaders: dict[str, tuple[Any, str | None]] = {
+        "transformer": (Flux2Transformer2DModel, "torch_dtype"),
+        "vae": (AutoencoderKLFlux2, "torch_dtype"),
+        "text_encoder": (Qwen3ForCausalLM, "dtype"),
+        "tokenizer": (AutoTokenizer, None),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, None),
+    }
+    root, comps = load_components(
+        path,
+        loaders,
+        layout=_EXPECTED_LAYOUT,
+        dtype=dtype,
+        text_encoder_dtype=text_encoder_dtype,
+        device=device,
+        text_encoder_device=text_encoder_device,
+        config_key=config_key,
+    )
     index = root / "model_index.json"
-    is_distilled = (
+    comps["is_distilled"] = (
         bool(json.loads(index.read_text()).get("is_distilled", False)) if index.is_file() else False
     )
-    dt = parse_dtype(dtype)
-    te_dt = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dt
-    kw: dict[str, Any] = {"local_files_only": True}
-    comps: dict[str, Any] = {
-        "transformer": Flux2Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=dt, **kw),
-        "vae": AutoencoderKLFlux2.from_pretrained(root / "vae", torch_dtype=dt, **kw),
-        "text_encoder": Qwen3ForCausalLM.from_pretrained(root / "text_encoder", dtype=te_dt, **kw),
-        "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer", **kw),
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", **kw),
-    }
-    for name in ("transformer", "vae", "text_encoder"):
-        where = text_encoder_device if name == "text_encoder" and text_encoder_device else device
-        comps[name].to(where).requires_grad_(False).eval()
-    comps["is_distilled"] = is_distilled
     return comps
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from psr.models.builders import parse_dtype, resolve_checkpoint
+from psr.models.builders import load_components, parse_dtype
 from psr.models.policy import PolicyBase, pack_latents, unpack_latents
 from psr.sampling.sde import calculate_shift
 from psr.types import QwenImageEditConditioning
@@ -320,30 +320,24 @@ def qwen_image_edit_plus_components(
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    root = resolve_checkpoint(path, config_key=config_key, layout=_EXPECTED_LAYOUT)
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{config_key}={path!s}: missing subfolders {missing}; expected {_EXPECTED_LAYOUT}"
-        )
-    dt = parse_dtype(dtype)
-    te_dt = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dt
-    kw: dict[str, Any] = {"local_files_only": True}
-    comps: dict[str, Any] = {
-        "transformer": QwenImageTransformer2DModel.from_pretrained(
-            root / "transformer", torch_dtype=dt, **kw
-        ),
-        "vae": AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dt, **kw),
-        "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            root / "text_encoder", dtype=te_dt, **kw
-        ),
-        "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer", **kw),
-        "processor": AutoProcessor.from_pretrained(root / "processor", **kw),
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler", **kw),
+    loaders: dict[str, tuple[Any, str | None]] = {
+        "transformer": (QwenImageTransformer2DModel, "torch_dtype"),
+        "vae": (AutoencoderKLQwenImage, "torch_dtype"),
+        "text_encoder": (Qwen2_5_VLForConditionalGeneration, "dtype"),
+        "tokenizer": (AutoTokenizer, None),
+        "processor": (AutoProcessor, None),
+        "scheduler": (FlowMatchEulerDiscreteScheduler, None),
     }
-    for name in ("transformer", "vae", "text_encoder"):
-        where = text_encoder_device if name == "text_encoder" and text_encoder_device else device
-        comps[name].to(where).requires_grad_(False).eval()
+    _, comps = load_components(
+        path,
+        loaders,
+        layout=_EXPECTED_LAYOUT,
+        dtype=dtype,
+        text_encoder_dtype=text_encoder_dtype,
+        device=device,
+        text_encoder_device=text_encoder_device,
+        config_key=config_key,
+    )
     return comps
 
 
