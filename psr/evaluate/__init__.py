@@ -1,5 +1,6 @@
 """``psr-eval`` and its suites: sampling and scoring (:mod:`psr.evaluate.runner`), the scores file and
-its summary (:mod:`psr.evaluate.scores`), the PSRBench suite (:mod:`psr.evaluate.psrbench`) and the
+its summary (:mod:`psr.evaluate.scores`), the suites (:mod:`psr.evaluate.psrbench`,
+:mod:`psr.evaluate.dreambench`, :mod:`psr.evaluate.omnicontext`, :mod:`psr.evaluate.omniref`) and the
 report over runs (:mod:`psr.evaluate.report`, ``psr-report``)."""
 
 from psr.evaluate.runner import (

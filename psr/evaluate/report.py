@@ -8,7 +8,10 @@ run's ``report/``):
   columns (subject consistency, aesthetics HPSv3 / 10, semantic alignment; the official protocol's
   subject consistency per subset) and, below, the paper's own PSRBench rows, marked as quoted
   (docs/method.md §7). Overall values are means over subsets (``summary.json`` ``overall``), as in
-  the paper; a run evaluated on something else than the seven subsets shows its plain means;
+  the paper; a run evaluated on something else than the seven subsets shows its plain means.
+  The OmniContext and OmniRef columns (:data:`SUITE_COLUMNS`) appear when a run has them; a
+  suite's own released aggregate (``summary.json`` ``released``: OmniRef's mean over subject
+  pairs) takes the place of the mean;
 - ``bars_<metric>.png``: per subset, one bar per run;
 - ``contact_<metric>.png``: per evaluation run and metric, the lowest- and highest-scoring samples;
 - ``curves.png``: the training reward and held-out reward (``reward/score``,
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER_ROWS", "COLUMNS", "collect", "write_report", "main"]
+__all__ = ["PAPER_ROWS", "COLUMNS", "SUITE_COLUMNS", "collect", "write_report", "main"]
 
 SUBSETS = ("attribute", "action", "background", "position", "complex", "three", "four")
 
@@ -40,6 +43,17 @@ COLUMNS = (
     ("sc_official_fallbacks", "whole-image fallbacks per sample"),
 )
 """(summary key, column title) of the table, in order; a run without a key shows an empty cell."""
+
+SUITE_COLUMNS = (
+    ("omnicontext_overall", "OmniContext overall sqrt(PF x SC), 0-10"),
+    ("omnicontext_pf", "OmniContext prompt following, 0-10"),
+    ("omnicontext_sc", "OmniContext subject consistency, 0-10"),
+    ("omnicontext_sc_failed", "OmniContext unreadable SC replies (fraction)"),
+    ("omniref_clip_i", "OmniRef CLIP-I (mean over subject pairs)"),
+    ("omniref_dino", "OmniRef DINOv2 (mean over subject pairs)"),
+    ("omniref_detected_frac", "OmniRef subjects found (fraction)"),
+)
+"""Other suites' columns (docs/method.md §7), shown when some run has them."""
 
 PAPER_ROWS: list[dict[str, Any]] = [
     {"run": "FLUX.1 Kontext", "sc_official": 0.497, "hps_div10": 0.870, "semantic_official": 0.583},
@@ -92,6 +106,9 @@ def eval_row(run_dir: Path) -> dict[str, Any]:
     for kind, block in summary.get("by_kind", {}).items():
         for key, stats in block["metrics"].items():
             row[f"{key}/{kind}"] = stats["mean"]
+    for key, value in (summary.get("released") or {}).items():  # a suite's released aggregate wins
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = float(value)
     return row
 
 
@@ -132,7 +149,8 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
         for s in SUBSETS
         if any(f"sc_official/{s}" in r for r in [*rows, *PAPER_ROWS])
     ]
-    return [*COLUMNS, *subset_cols]
+    suite_cols = [c for c in SUITE_COLUMNS if any(c[0] in r for r in rows)]
+    return [*COLUMNS, *suite_cols, *subset_cols]
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -176,7 +194,7 @@ def bar_charts(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for key, title in COLUMNS:
+    for key, title in (*COLUMNS, *SUITE_COLUMNS):
         kinds = [k for k in SUBSETS if any(r.get(f"{key}/{k}") is not None for r in rows)]
         kinds += sorted(
             {c.split("/", 1)[1] for r in rows for c in r if c.startswith(f"{key}/") and r[c] is not None}
@@ -216,7 +234,7 @@ def contact_sheets(
     names = list(labels) if labels is not None else [d.name for d in run_dirs]
     for d, name in zip(run_dirs, names, strict=True):
         rows = [r for r in read_scores(d / "scores.jsonl") if not r.get("error")]
-        for key, _ in COLUMNS:
+        for key, _ in (*COLUMNS, *SUITE_COLUMNS):
             scored = sorted(
                 (r for r in rows if r["scores"].get(key) is not None), key=lambda r: r["scores"][key]
             )

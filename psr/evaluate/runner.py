@@ -25,7 +25,10 @@ it as done, so delete its line from ``scores.jsonl`` to score the record once it
 Suites (``suite=psrbench``): a reward with ``score(images, inputs, kinds)`` (:class:`SuiteScorer`)
 is given each sample's task kind (its PSRBench subset), so it can pick a judge template or the
 position rule per sample; the summary then also holds ``overall``, the mean over kinds of each
-kind's mean (the paper's overall column: subsets weigh equally).
+kind's mean (the paper's overall column: subsets weigh equally). A scorer with
+``released_summary(rows)`` adds that dict as the summary's ``released`` block (OmniRef's mean over
+subject pairs). A record's ``result_path`` is read from its provenance (top level, else PSRBench's
+``provenance["psrbench"]``).
 """
 
 from __future__ import annotations
@@ -275,7 +278,8 @@ class Evaluator:
         and the error. A relative path resolves against ``eval.results_root`` (null: the working
         directory, as the released scripts open it)."""
         sample = self.records.samples[index]
-        given = str((sample.provenance or {}).get("psrbench", {}).get("result_path") or "")
+        prov = sample.provenance or {}  # PSRBench keeps it with the record's fields, other suites at the top
+        given = str(prov.get("result_path") or prov.get("psrbench", {}).get("result_path") or "")
         if not given:
             return None, "", f"record {sample.id} has no result_path"
         path = Path(os.path.expanduser(given))
@@ -391,6 +395,9 @@ class Evaluator:
         if len(wanted) != expected:
             raise RuntimeError(f"psr-eval: {len(wanted)} of {expected} samples scored; rerun to finish")
         summary = summarize(wanted)
+        released = getattr(self.reward, "released_summary", None)  # a suite's own aggregate (OmniRef)
+        if callable(released):
+            summary["released"] = released(wanted)
         summary["split"] = self.split
         summary["source"] = self.source
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
