@@ -1,4 +1,4 @@
-"""Console entry points: ``psr-sft``, ``psr-rl``, ``psr-eval``, ``psr-data``.
+"""Console entry points: ``psr-sft``, ``psr-rl``, ``psr-eval``, ``psr-data`` (and ``psr-plan``, :mod:`psr.plan`).
 
 Each is a ``@hydra.main`` over the primary config of the same name in ``conf/``; all outputs go
 under Hydra's run directory (``hydra.run.dir=PATH``). ``experiment=NAME`` picks the primary's own
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from psr.config import CONF_DIR, check_config, conf_dir, expand_experiment
 
-__all__ = ["CONF_DIR", "data", "evaluate", "rl", "sft"]
+__all__ = ["CONF_DIR", "data", "evaluate", "plan", "report", "rl", "sft"]
 
 
 def _entry(primary: str, run: Callable[[object], None]) -> None:
@@ -81,6 +81,23 @@ def evaluate() -> None:
     _entry("eval", _eval)
 
 
+def plan() -> None:
+    """``psr-plan``: FLOPs, memory per GPU and a step-time bound of a psr-rl / psr-sft run (meta device).
+
+    Not a ``@hydra.main``: it composes ``conf/plan.yaml`` with the ``plan.*`` overrides and psr-rl's
+    (``--sft``: psr-sft's) config with the rest, each checked as its own command checks it."""
+    from psr.plan import main
+
+    main()
+
+
 def data() -> None:
     """``psr-data``: the multi-subject data pipeline (``stage=...``, ``shard.index=i shard.count=n``)."""
     _entry("data", _data)
+
+
+def report() -> None:
+    """``psr-report RUN_DIR...``: tables, bar charts, contact sheets and curves over eval and training runs."""
+    from psr.evaluate.report import main
+
+    main()

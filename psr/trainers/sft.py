@@ -41,7 +41,7 @@ from psr.data.sources import load_records
 from psr.distributed import gather_scores, split_evenly
 from psr.logging import MetricLogger, StepTimer, build_logger, make_grid, progress, reward_metrics
 from psr.models.lora import make_trainable
-from psr.models.policy import stack_conditionings
+from psr.plan import StepFlops, perf_metrics
 from psr.preemption import PreemptionHandler
 from psr.resume import finish_resume, load_resume, start_from
 from psr.runlock import lock_run_dir
@@ -74,6 +74,7 @@ class SFTTrainer:
         self.checkpoint_every, self.keep_last = t.checkpoint_every, t.keep_last
         self.export_lora = t.export_lora  # LoRA runs only: save_training_checkpoint skips it for full
         self.val_every, self.val_records, self.val_steps = v.every, v.records, v.num_steps
+        self.peak_tflops = cfg.get("peak_tflops")  # perf/tflops and perf/mfu when set
         self.step = 0
         self.data_state: dict[str, int] | None = None
 
@@ -94,6 +95,8 @@ class SFTTrainer:
         self.reward = self._setup_reward(cfg.validation.reward)
         self.logger = self._setup_logger(cfg)
         self.timer = StepTimer()
+        # FLOPs per record from one symbolic step on the meta device, once per reference count
+        self.step_flops = StepFlops(cfg, "sft") if self.peak_tflops else None
         self.preemption = PreemptionHandler(requeue=bool(cfg.requeue_on_preemption))
         self._resume(cfg)
         self.logger.resume_at(self.step)  # drop what a killed run logged after its checkpoint
@@ -184,6 +187,9 @@ class SFTTrainer:
             with self.timer("update"):
                 metrics = self.train_step(batches, step)
             metrics.update(self.timer.pop())
+            if self.step_flops is not None:
+                flops = self.step_flops([len(r) for b in batches for r in b.references])
+                metrics.update(perf_metrics(flops, metrics["time/update"], self.peak_tflops))
             self.step, self.data_state = step + 1, position_after(batches[-1])
             self.preemption.poll()  # collective: every rank stops at the same step
             if self.step % self.log_every == 0 or self.step == self.total_steps:
@@ -240,7 +246,7 @@ class SFTTrainer:
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
         total: Tensor | float = 0.0
         mse = torch.empty(b, device=device)
-        for idx, cond in stack_conditionings(conds):
+        for idx, cond in self.policy.stack_conditionings(conds):
             loss, parts = self.objective(self.policy, x0[idx], cond, sigmas=sigmas[idx], noise=noise[idx])
             total = total + loss * (len(idx) / b)
             mse[idx] = parts["mse"].to(mse.dtype)
