@@ -19,6 +19,7 @@ later rows include earlier ones).
 
     python benchmarks/rl_step.py                          # tiny model on the CPU (~15-40 s)
     python benchmarks/rl_step.py --flux-size --repeats 2  # FLUX.1-size random weights, CUDA only
+    python benchmarks/rl_step.py --overlap                # the reward beside the rollout (~2-4 min)
 
 ``--flux-size`` replaces ``cfg.model`` with FLUX.1-size random weights (``flux_size_policy`` in
 ``benchmarks/sft_step.py``: 19 + 38 blocks, 3072 wide, bf16, the 16-channel FLUX VAE, toy text
@@ -26,6 +27,19 @@ encoders of the right widths; gradient checkpointing on) and runs in bf16 autoca
 (``conf/rl.yaml``'s default). Full fine-tuning a 12B transformer with AdamW does not fit one GPU
 (``--modes full`` is allowed but not in its defaults). Nothing is downloaded. The tiny model's
 timings are for comparing rows of one run; they do not predict a real model's.
+
+``--overlap`` prints another table: whole ``train()`` steps (``reward_serving``, ``rewards/serving.py``)
+with a reward made slow on purpose (:class:`SlowReward`: the colour reward plus a fixed time per
+image, slept by default like a judge on another GPU or behind a server, or ``--work compute``: matrix
+products on this CPU), at ``--reward-ratios`` times the rollout's time per image (measured first, in
+turn, with no delay). Each ratio runs in turn (``overlap=false``), in a background thread
+(``overlap=true``) and in one worker process (``workers=1``); the columns are the medians of
+``time/rollout``, ``time/reward_compute`` (all the reward's work), ``time/reward`` (the part the
+step waited for) and ``time/update``, the step (their sum), the ideal ``max(rollout, reward) +
+update``, and the share of the smaller of rollout and reward that was hidden,
+``(rollout + reward + update - step) / min(rollout, reward)``. Overlap works a group at a time, and
+the last group's reward always waits (the update needs every reward of the step), so the share
+hidden is at most ``(P - 1) / P`` (the ``bound`` column): P defaults to 8 here.
 """
 
 from __future__ import annotations
@@ -49,13 +63,51 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 sys.path.append(str(_HERE))
-sys.modules.pop("rewards", None)
+if str(getattr(sys.modules.get("rewards"), "__file__", "")).startswith(str(_HERE)):
+    sys.modules.pop("rewards")  # benchmarks/rewards.py; the package is imported again from the root
 
 CONF = str(_HERE.parent / "conf")
+OVERLAP_MODES = {
+    "in turn": ["reward_serving.overlap=false"],
+    "thread": ["reward_serving.overlap=true"],
+    "worker": ["reward_serving.workers=1"],
+}
 AXES = ("G", "refs", "res", "algo", "mode", "beta")
 
 
-def compose(setting: dict[str, Any], args: argparse.Namespace, run_dir: str) -> Any:
+class SlowReward:
+    """The colour reward (``rewards/color.py``) made slow on purpose: ``ms_per_image`` per image, slept
+    (``work=sleep``) or spent on 128 x 128 matrix products on this CPU (``work=compute``: a fixed
+    number of them per image, calibrated when the reward is built). The scores are the colour
+    reward's."""
+
+    def __init__(self, ms_per_image: float, work: str = "sleep", use_std: bool = False) -> None:
+        from rewards.color import ColorReward
+
+        if work not in ("sleep", "compute"):
+            raise ValueError(f"SlowReward: work={work!r}; expected sleep or compute")
+        self.colour, self.ms_per_image, self.work = ColorReward(use_std=use_std), float(ms_per_image), work
+        self._a = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        self._products(200)
+        self.products_per_image = round(self.ms_per_image / 1000 / ((time.perf_counter() - start) / 200))
+
+    def _products(self, n: int) -> None:
+        x = self._a
+        for _ in range(n):
+            x = torch.tanh(x @ self._a)
+
+    def __call__(self, images: torch.Tensor, inputs: Any) -> dict[str, torch.Tensor]:
+        if self.work == "sleep":
+            time.sleep(self.ms_per_image * images.shape[0] / 1000)
+        else:
+            self._products(self.products_per_image * images.shape[0])
+        return self.colour(images, inputs)
+
+
+def compose(
+    setting: dict[str, Any], args: argparse.Namespace, run_dir: str, extra: tuple[str, ...] = ()
+) -> Any:
     """The trainer's config for one setting: quickstart, plus the setting, plus benchmark plumbing."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -82,6 +134,7 @@ def compose(setting: dict[str, Any], args: argparse.Namespace, run_dir: str) -> 
         "train.checkpoint_every=1000000",
         "train.export_lora=false",
         "requeue_on_preemption=false",
+        *extra,
     ]
     if setting["algo"] == "grpo":
         overrides.append(f"algo.beta={setting['beta']}")
@@ -159,6 +212,77 @@ def measure(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             trainer.cleanup()
 
 
+def measure_overlap(
+    setting: dict[str, Any], args: argparse.Namespace, ms_per_image: float, mode: str
+) -> dict[str, float]:
+    """``train()`` for 1 + ``--repeats`` steps with :class:`SlowReward` served as ``mode``; the ``time/*``
+    (ms) of the median step (by total time; its own phases, so they add up), read back from
+    metrics.jsonl as the trainer logged them."""
+    import json
+
+    from psr.trainers.rl import RLTrainer
+
+    extra = (
+        "reward._target_=rl_step.SlowReward",
+        f"+reward.ms_per_image={ms_per_image}",
+        f"+reward.work={args.work}",
+        f"train.steps={args.repeats + 1}",
+        *OVERLAP_MODES[mode],
+    )
+    with tempfile.TemporaryDirectory(prefix="psr_rl_bench_") as run_dir:
+        trainer = RLTrainer(compose(setting, args, run_dir, extra))
+        trainer.setup()
+        try:
+            trainer.train()
+        finally:
+            trainer.cleanup()
+        steps = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "time/rollout" in r and r["step"] > 1]  # step 1: warm-up
+    for r in steps:
+        r["time/step"] = r["time/rollout"] + r["time/reward"] + r["time/update"]
+    median = sorted(steps, key=lambda r: r["time/step"])[len(steps) // 2]
+    return {k: 1000 * median[f"time/{k}"] for k in ("rollout", "reward_compute", "reward", "update", "step")}
+
+
+def overlap_table(args: argparse.Namespace) -> None:
+    """The ``--overlap`` table (see the module docstring)."""
+    setting = {
+        "G": args.group_sizes[0],
+        "refs": args.refs[0],
+        "res": args.resolutions[0],
+        "algo": "grpo",
+        "mode": "lora",
+        "beta": 0.0,
+    }
+    p, g = args.prompts_per_step, setting["G"]
+    calibration = measure_overlap(setting, args, 0.0, "in turn")
+    per_image = calibration["rollout"] / (p * g)
+    print(
+        f"# psr-rl steps with a slow reward beside the rollout: tiny model, P={p} groups of G={g}, {args.num_steps} "
+        f"sampler steps, {setting['res']} px, cpu, {torch.get_num_threads()} threads; SlowReward work={args.work} "
+        f"at ratio x the rollout's {per_image:.1f} ms per image; the median of {args.repeats} steps after 1 warm-up"
+    )
+    print(
+        f"{'ratio':>5} {'mode':>7} {'rollout ms':>10} {'reward ms':>9} {'waited ms':>9} {'update ms':>9} "
+        f"{'step ms':>8} {'ideal ms':>8} {'in turn/step':>12} {'hidden':>6} {'bound':>5}"
+    )
+    bound = (p - 1) / p
+    for ratio in args.reward_ratios:
+        in_turn_step = None
+        for mode in OVERLAP_MODES:
+            r = measure_overlap(setting, args, ratio * per_image, mode)
+            in_turn_step = in_turn_step or r["step"]
+            smaller = min(r["rollout"], r["reward_compute"])
+            hidden = (r["rollout"] + r["reward_compute"] + r["update"] - r["step"]) / smaller
+            ideal = max(r["rollout"], r["reward_compute"]) + r["update"]
+            print(
+                f"{ratio:>5g} {mode:>7} {r['rollout']:>10.1f} {r['reward_compute']:>9.1f} {r['reward']:>9.1f} "
+                f"{r['update']:>9.1f} {r['step']:>8.1f} {ideal:>8.1f} {in_turn_step / r['step']:>11.2f}x "
+                f"{hidden:>6.0%} {bound:>5.0%}",
+                flush=True,
+            )
+
+
 def settings(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """``(varied axis, setting)`` rows: one axis at a time around the base, or the full grid."""
     lists = {
@@ -197,7 +321,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=["lora", "full"], default=None)
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.01], help="GRPO KL weight")
     p.add_argument("--grid", action="store_true", help="every combination, not one axis at a time")
-    p.add_argument("--prompts-per-step", type=int, default=1, help="P groups per step")
+    p.add_argument(
+        "--prompts-per-step", type=int, default=None, help="P groups per step (default 1; 8 with --overlap)"
+    )
     p.add_argument("--micro-batch", type=int, default=None, help="samples per update forward (default G)")
     p.add_argument(
         "--num-steps", type=int, default=None, help="K sampler steps (default 28 with --flux-size, else 4)"
@@ -209,6 +335,17 @@ def main() -> None:
         help="default 64 with --flux-size, else quickstart's 8 (alpha 2x rank)",
     )
     p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--overlap", action="store_true", help="the reward-beside-the-rollout table instead")
+    p.add_argument(
+        "--reward-ratios",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="--overlap: the slow reward's time per image, in multiples of the rollout's",
+    )
+    p.add_argument(
+        "--work", choices=["sleep", "compute"], default="sleep", help="--overlap: how the reward is slow"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -225,11 +362,15 @@ def main() -> None:
     args.resolutions = args.resolutions or ([512, 1024] if args.flux_size else [32, 64])
     args.modes = args.modes or (["lora"] if args.flux_size else ["lora", "full"])
     args.num_steps = args.num_steps or (28 if args.flux_size else 4)
+    args.prompts_per_step = args.prompts_per_step or (8 if args.overlap else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # the tiny builders' dtype-cast notice, once per setting
+    if args.overlap:
+        overlap_table(args)
+        return
     rows = settings(args)
     model = "FLUX.1-size random" if args.flux_size else "tiny"
     device = "cuda" if torch.cuda.is_available() else "cpu"

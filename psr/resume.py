@@ -71,7 +71,8 @@ RESUME_MAY_CHANGE = (
     "run_dir",
     "logger",
     "requeue_on_preemption",
-    "reward_device",
+    "reward_device",  # runs started before reward_serving replaced it
+    "reward_serving",  # where the reward runs, overlap: the scores are the same (rewards.serving)
     "train.steps",
     "train.checkpoint_every",
     "train.keep_last",

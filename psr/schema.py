@@ -249,6 +249,34 @@ class RLTrainSettings:
 
 
 @dataclass(frozen=True)
+class RewardServingSettings:
+    """psr-rl ``reward_serving``: where the reward runs and whether it scores beside the rollout
+    (``rewards.serving``; docs/cluster.md)."""
+
+    device: str | tuple[str, ...] | None = None  # None: the trainer's device; a list: one per worker, in turn
+    workers: int = 0  # 0: in the trainer's process; N: N spawn-started worker processes
+    overlap: bool | typing.Literal["auto"] = "auto"  # auto: rewards.serving.overlap_by_default
+    timeout: float | None = None  # seconds to wait for one group's reward (None: no limit)
+
+    def __post_init__(self) -> None:
+        devices = [self.device] if isinstance(self.device, str) or self.device is None else list(self.device)
+        _raise(
+            "reward_serving",
+            [
+                *_at_least(self, 0, "workers"),
+                *_rule(
+                    len(devices) == 1 or self.workers >= 1,
+                    "device",
+                    self.device,
+                    "a list of devices needs reward_serving.workers >= 1 (one in-process reward runs on one device)",
+                ),
+                *_rule(len(devices) > 0, "device", self.device, "must name a device (or null)"),
+                *(_positive(self, "timeout") if self.timeout is not None else []),
+            ],
+        )
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """Every key ``psr-rl`` reads (``conf/rl.yaml`` and its groups)."""
 
@@ -256,7 +284,7 @@ class RLConfig:
     seed: int = 0
     resume: str | None = "auto"
     init_from: str | None = None
-    reward_device: str | None = None
+    reward_serving: RewardServingSettings = field(default_factory=RewardServingSettings)
     requeue_on_preemption: bool = True
     train: RLTrainSettings = field(default_factory=RLTrainSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
@@ -375,6 +403,7 @@ class SFTConfig:
     resume: str | None = "auto"
     init_from: str | None = None
     requeue_on_preemption: bool = True
+    peak_tflops: float | None = None  # one GPU's peak TFLOP/s: logs perf/tflops and perf/mfu (psr.plan)
     train: SFTTrainSettings = field(default_factory=SFTTrainSettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     loader: LoaderSettings = field(default_factory=LoaderSettings)
@@ -401,6 +430,8 @@ class EvalSettings:
     num_steps: int = 28
     records_per_batch: int = 4  # records per reward call and per flush
     grid_records: int = 8
+    source: typing.Literal["sample", "results"] = "sample"  # results: score each record's result_path
+    results_root: str | None = None  # folder relative result_path entries resolve against
 
     def __post_init__(self) -> None:
         _raise(
@@ -448,6 +479,8 @@ class PathSettings:
 
     flux: str | None = None
     kontext: str | None = None
+    klein: str | None = None  # FLUX.2 klein (single_subject / editor=flux2_klein)
+    qwen_image_edit: str | None = None  # Qwen-Image-Edit-Plus (single_subject / editor=qwen_image_edit_plus)
     grounding_dino: str | None = None
     owlv2: str | None = None
     dino: str | None = None

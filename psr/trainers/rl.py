@@ -3,7 +3,9 @@
 One step, top to bottom (:meth:`RLTrainer.train`):
   1. this rank's prompt groups (a group never straddles ranks, so its statistics are whole);
   2. ``rollout`` of G samples per group with per-step log-probs (SDE on the configured window);
-  3. the reward on all images of the step in one batched call;
+  3. the reward of each group, submitted as soon as its images exist: with ``reward_serving.overlap``
+     it runs while the next group is sampled (a thread, or worker processes: :mod:`rewards.serving`),
+     one call per group either way, so the scores do not depend on the overlap;
   4. group advantages (GRPO) or in-group pairs (DPO);
   5. the objective's update through the engine (gradient accumulation over groups, steps, samples);
   6. telemetry, image grid, held-out evaluation, checkpoint; a preemption signal saves and exits.
@@ -12,6 +14,7 @@ One step, top to bottom (:meth:`RLTrainer.train`):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from psr.checkpoint import checkpoint_or_stop, save_training_checkpoint
-from psr.config import OptimSettings, RLTrainSettings, SamplerSettings, check_schedule, settings
+from psr.config import (
+    OptimSettings,
+    RewardServingSettings,
+    RLTrainSettings,
+    SamplerSettings,
+    check_schedule,
+    settings,
+)
 from psr.data.dataset import BatchStream, PromptDataset, PromptRecord
 from psr.data.sources import load_records
 from psr.distributed import gather_scores, split_evenly
@@ -37,7 +47,17 @@ from psr.sampling.rollout import rollout
 from psr.seeding import derive_seed, seed_everything
 from psr.trainers import resolve_run_dir, run_trainer
 from psr.types import Trajectory
-from rewards.base import RewardInputs, build_reward
+from rewards.base import RewardInputs
+from rewards.serving import (
+    InlineRewards,
+    Pending,
+    RewardService,
+    RewardWorkers,
+    build_served_reward,
+    concat_scores,
+    overlap_by_default,
+    serve,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -74,6 +94,7 @@ class RLTrainer:
         self.train_settings = t = settings(cfg.train, RLTrainSettings, "train")
         self.sampling = settings(cfg.sampler, SamplerSettings, "sampler")
         self.optim = settings(cfg.optim, OptimSettings, "optim")
+        self.serving = settings(cfg.reward_serving, RewardServingSettings, "reward_serving")
         check_schedule(self.optim, t.steps)
         self.total_steps = t.steps
         self.prompts_per_step = t.prompts_per_step
@@ -102,7 +123,7 @@ class RLTrainer:
         self._check_sampler_serves_objective()
         self.policy, params = self._setup_policy(cfg.model, cfg.init_from)
         self._setup_engine(params)
-        self.reward = build_reward(cfg.reward, cfg.reward_device or self.engine.device)
+        self.reward, self.overlap = self._setup_reward(cfg.reward)
         self._setup_data(cfg.data)
         self.logger = self._setup_logger(cfg)
         self.timer = StepTimer()
@@ -131,6 +152,20 @@ class RLTrainer:
             grad_accum=1,  # one engine.step() per inner epoch; the objective accumulates inside it
             micro_batch_size=self.micro_batch_size,
         )
+
+    def _setup_reward(self, cfg_reward: DictConfig) -> tuple[Any, bool]:
+        """The reward (in this process, or its worker processes) on ``reward_serving.device`` (default:
+        the engine's), and whether it scores beside the rollout (``reward_serving.overlap``)."""
+        s = self.serving
+        device = s.device or str(self.engine.device)
+        first = self.engine.rank * s.workers  # a device list spreads the ranks' workers over it
+        reward = build_served_reward(cfg_reward, device, s.workers, s.timeout, first)
+        overlap = (
+            overlap_by_default(cfg_reward, device, s.workers, self.engine.device)
+            if s.overlap == "auto"
+            else bool(s.overlap)
+        )
+        return reward, overlap
 
     def _setup_data(self, cfg_data: DictConfig) -> None:
         """Training prompts (loaded on access), held-out ones (loaded now), this rank's batch stream."""
@@ -190,33 +225,54 @@ class RLTrainer:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         bar = progress(range(self.step, self.total_steps), "psr-rl", self.engine.rank, initial=self.step)
-        for step in bar:
-            self.step = step
-            records = self.batches.next_batch()
-            with self.timer("rollout"):
-                trajs = self.rollout(records, step)
-            with self.timer("reward"):
-                scores = self.score(trajs, records)
-            with self.timer("update"):
-                metrics = self.update(trajs, scores)
-            metrics.update(self.timer.pop())
-            self.step = step + 1
-            self.preemption.poll()  # collective: every rank stops at the same step
-            self.logger.log(metrics, step=self.step)
-            if self.grid_every and self.step % self.grid_every == 0:
-                self.log_grid(trajs, records, scores["score"], "train/grid")
-            if self.eval_every and self.step % self.eval_every == 0:
-                self.evaluate()
-            due = self.step % self.checkpoint_every == 0 or self.step == self.total_steps
-            if checkpoint_or_stop("psr-rl", self.step, due, self.preemption, self.save_checkpoint):
-                return
+        with serve(self.reward, self.overlap, self.serving.timeout) as rewards:
+            for step in bar:
+                self.step = step
+                records = self.batches.next_batch()
+                trajs, scores, reward_s = self.rollout_and_score(records, step, rewards)
+                with self.timer("update"):
+                    metrics = self.update(trajs, scores)
+                metrics.update({**self.timer.pop(), "time/reward_compute": reward_s})
+                self.step = step + 1
+                self.preemption.poll()  # collective: every rank stops at the same step
+                self.logger.log(metrics, step=self.step)
+                if self.grid_every and self.step % self.grid_every == 0:
+                    self.log_grid(trajs, records, scores["score"], "train/grid")
+                if self.eval_every and self.step % self.eval_every == 0:
+                    self.evaluate()
+                due = self.step % self.checkpoint_every == 0 or self.step == self.total_steps
+                if checkpoint_or_stop("psr-rl", self.step, due, self.preemption, self.save_checkpoint):
+                    return
+
+    def rollout_and_score(
+        self, records: list[PromptRecord], step: int, rewards: RewardService
+    ) -> tuple[list[Trajectory], dict[str, Tensor], float]:
+        """The step's groups, each submitted to ``rewards`` as soon as it is sampled; its scores
+        (``[P*G]`` per key, in order) and the reward's compute seconds. Timed: ``time/rollout``, and
+        ``time/reward``, the reward time the rollout did not hide (all of it without overlap)."""
+        pending: list[Pending] = []
+
+        def submit(traj: Trajectory, rec: PromptRecord) -> None:
+            pending.append(rewards.submit(traj.images, self._reward_inputs(rec, traj.batch_size)))
+
+        with self.timer("rollout"):
+            trajs = self.rollout(records, step, on_group=submit)
+        with self.timer("reward"):
+            scores = concat_scores(pending, trajs[0].images.device)
+        return trajs, scores, sum(p.seconds for p in pending)
 
     def rollout(
-        self, records: list[PromptRecord], step: int, first_group: int | None = None, **overrides: Any
+        self,
+        records: list[PromptRecord],
+        step: int,
+        first_group: int | None = None,
+        on_group: Callable[[Trajectory, PromptRecord], None] | None = None,
+        **overrides: Any,
     ) -> list[Trajectory]:
         """G samples for each record. Group ids are global (rank r holds groups ``r P .. r P + P - 1``)
         and the generator is a function of (seed, step, group id), so a resumed run draws exactly the
-        noise an uninterrupted one would, and 2 ranks draw what 1 rank with the same batch would."""
+        noise an uninterrupted one would, and 2 ranks draw what 1 rank with the same batch would.
+        ``on_group(traj, record)`` is called after each group (the reward is submitted there)."""
         kwargs = {**self.sampler_kwargs, **overrides}
         if first_group is None:
             first_group = self.engine.rank * self.prompts_per_step
@@ -234,15 +290,24 @@ class RLTrainer:
                     trajs.append(
                         rollout(self.policy, cond, self.group_size, generator=gen, group_id=gid, **kwargs)
                     )
+                if on_group is not None:
+                    on_group(trajs[-1], rec)
         return trajs
 
     @torch.no_grad()
     def score(self, trajs: list[Trajectory], records: list[PromptRecord]) -> dict[str, Tensor]:
-        """The reward on every image of the step in one batched call; ``[P*G]`` per key."""
-        images = torch.cat([t.images for t in trajs])
-        inputs = RewardInputs.from_records([r for r in records for _ in range(self.group_size)])
-        out = self.reward(images, inputs)
-        return {k: v.float().to(images.device) for k, v in out.items()}
+        """The reward of every group in turn, one call per group as :meth:`train` makes them (with or
+        without overlap); ``[P*G]`` per key."""
+        rewards = InlineRewards(self.reward)
+        pending = [
+            rewards.submit(t.images, self._reward_inputs(r, t.batch_size))
+            for t, r in zip(trajs, records, strict=True)
+        ]
+        return concat_scores(pending, trajs[0].images.device)
+
+    @staticmethod
+    def _reward_inputs(record: PromptRecord, group_size: int) -> RewardInputs:
+        return RewardInputs.from_records([record] * group_size)
 
     def update(self, trajs: list[Trajectory], scores: dict[str, Tensor]) -> dict[str, float]:
         """The objective's update on the step's rewards. Rewards of every rank are gathered (in rank
@@ -324,6 +389,8 @@ class RLTrainer:
         )
 
     def cleanup(self) -> None:
+        if isinstance(self.reward, RewardWorkers):
+            self.reward.close()
         self.preemption.uninstall()
         self.logger.close()
         self.engine.cleanup()
