@@ -9,7 +9,10 @@ A reward is any callable ``reward(images, inputs) -> dict[str, Tensor]``:
   sample) plus any other ``[B]`` values worth logging (per-subject similarities, flags).
 
 Rewards keep no state across calls, run without gradients and score the whole batch with one forward
-per model. This module imports only torch so that configs and data code stay light.
+per model. A reward that draws random numbers uses its own ``torch.Generator``, never the global RNG:
+psr-rl runs rewards beside the rollout (a thread or worker processes, :mod:`rewards.serving`) and
+checks that the global RNG did not move. This module imports only torch so that configs and data code
+stay light.
 """
 
 from __future__ import annotations

@@ -493,11 +493,14 @@ class RewardWorkers:
 
 
 def _mentions(node: Any, key: str) -> bool:
-    """Whether ``key`` appears anywhere in a config tree (DictConfig, ListConfig or plain)."""
+    """Whether ``key`` appears anywhere in a config tree (DictConfig, ListConfig or plain), outside the
+    nodes of server clients (``backend: openai``, e.g. a served judge: its ``device`` holds nothing)."""
     from omegaconf import OmegaConf
 
     tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
     if isinstance(tree, Mapping):
+        if tree.get("backend") == "openai":
+            return False
         return key in tree or any(_mentions(v, key) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return any(_mentions(v, key) for v in tree)
@@ -544,7 +547,7 @@ def overlap_by_default(
     trainer's process (some ``device`` key in its config set to the trainer's CUDA device). There its
     activations would add to the rollout's peak memory and the two would take turns on one GPU
     anyway. Worker processes, another device, the CPU and rewards without models (a judge server's
-    client, the colour reward) overlap."""
+    client, ``backend: openai``; the colour reward) overlap."""
     devices = [device] if isinstance(device, str) else [str(d) for d in device]
     if workers > 0 or len(devices) != 1:
         return True

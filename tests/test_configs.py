@@ -305,7 +305,7 @@ def test_rl_trains_from_a_saved_checkpoint_through_the_user_path(tiny_checkpoint
 
 def test_build_reward_places_every_nested_model_on_the_device():
     """A PSR reward's detector and embedder, and a weighted reward's components, all go where the
-    trainer says (reward_device or the engine's device), not where the YAML's default put them."""
+    trainer says (reward_serving.device or the engine's device), not where the YAML's default put them."""
     from omegaconf import OmegaConf
 
     from rewards.base import build_reward

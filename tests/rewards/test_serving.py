@@ -291,6 +291,17 @@ def test_overlap_by_default(has_device, device, workers, trainer, expected):
     assert overlap_by_default(node, device, workers, trainer) is expected
 
 
+def test_a_served_judge_beside_a_gpu_reward_is_judged_by_the_gpu_reward():
+    """A server client's ``device`` key (backend: openai) holds no model; a sibling's does."""
+    from rewards.serving import overlap_by_default
+
+    client = {"_target_": "rewards.judge.VLMJudge", "backend": "openai", "device": "cuda:0"}
+    assert overlap_by_default({"_target_": "w", "rewards": {"j": client}}, "cuda:0", 0, "cuda:0") is True
+    local = {"_target_": "hps", "device": "cuda:0"}
+    both = {"_target_": "w", "rewards": {"j": client, "p": local}}
+    assert overlap_by_default(both, "cuda:0", 0, "cuda:0") is False
+
+
 def test_workers_take_the_listed_devices_in_turn_across_ranks():
     """Rank r's worker k: entry (r * workers + k) mod len (the trainer passes first = rank * workers)."""
     from rewards.serving import worker_devices
