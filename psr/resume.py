@@ -71,6 +71,7 @@ RESUME_MAY_CHANGE = (
     "run_dir",
     "logger",
     "requeue_on_preemption",
+    "peak_tflops",  # telemetry only
     "reward_device",  # runs started before reward_serving replaced it
     "reward_serving",  # where the reward runs, overlap: the scores are the same (rewards.serving)
     "train.steps",

@@ -286,6 +286,7 @@ class RLConfig:
     init_from: str | None = None
     reward_serving: RewardServingSettings = field(default_factory=RewardServingSettings)
     requeue_on_preemption: bool = True
+    peak_tflops: float | None = None  # one GPU's peak TFLOP/s: logs perf/tflops and perf/mfu (psr.plan)
     train: RLTrainSettings = field(default_factory=RLTrainSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)

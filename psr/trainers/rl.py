@@ -40,6 +40,7 @@ from psr.models.lora import make_trainable
 from psr.objectives.accumulate import merge_metrics
 from psr.objectives.advantages import component_weights, reward_components
 from psr.objectives.protocol import ANOTHER_RANK, Objective, StepRewards, UpdateResult
+from psr.plan import StepFlops, perf_metrics
 from psr.preemption import PreemptionHandler
 from psr.resume import finish_resume, load_resume, start_from
 from psr.runlock import lock_run_dir
@@ -106,6 +107,7 @@ class RLTrainer:
         self.checkpoint_every, self.keep_last = t.checkpoint_every, t.keep_last
         self.eval_prompts, self.export_lora = t.eval_prompts, t.export_lora
         self.sampler_kwargs = dataclasses.asdict(self.sampling)  # rollout's keyword arguments
+        self.peak_tflops = cfg.get("peak_tflops")  # perf/tflops and perf/mfu when set
         self.step = 0
         self.nonfinite = 0
 
@@ -127,6 +129,8 @@ class RLTrainer:
         self._setup_data(cfg.data)
         self.logger = self._setup_logger(cfg)
         self.timer = StepTimer()
+        # FLOPs per prompt group from one symbolic step on the meta device, once per reference count
+        self.step_flops = StepFlops(cfg, "rl") if self.peak_tflops else None
         self.preemption = PreemptionHandler(requeue=bool(cfg.requeue_on_preemption))
         self._resume(cfg)
         self.logger.resume_at(self.step)  # drop what a killed run logged after its checkpoint
@@ -233,6 +237,10 @@ class RLTrainer:
                 with self.timer("update"):
                     metrics = self.update(trajs, scores)
                 metrics.update({**self.timer.pop(), "time/reward_compute": reward_s})
+                if self.step_flops is not None:  # every sample counted as trained: an upper bound
+                    flops = self.step_flops([len(r.references) for r in records])
+                    seconds = sum(metrics.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "update"))
+                    metrics.update(perf_metrics(flops, seconds, self.peak_tflops))
                 self.step = step + 1
                 self.preemption.poll()  # collective: every rank stops at the same step
                 self.logger.log(metrics, step=self.step)

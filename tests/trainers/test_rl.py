@@ -625,3 +625,20 @@ def test_kl_conventions_differ_by_the_step_size(tmp_path):
     assert kl["diffusion"] == pytest.approx(kl["transition"] * dt["transition"], rel=1e-4)
     with pytest.raises(Exception, match="algo.kl_std"):
         trainer_for(tmp_path / "bad", "algo.kl_std=other")
+
+
+def test_psr_rl_logs_tflops_and_mfu(tmp_path):
+    """psr-rl with ``peak_tflops``: perf/tflops is the step's planned FLOPs (one symbolic group per
+    reference count, summed over the step's records) over rollout + reward + update time."""
+    from psr.trainers import run_trainer
+    from psr.trainers.rl import RLTrainer
+
+    trainer = RLTrainer(compose(tmp_path, "train.steps=1", "peak_tflops=100"))
+    run_trainer(trainer, "psr-rl")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if "perf/tflops" in r)
+    assert row["perf/mfu"] == pytest.approx(row["perf/tflops"] / 100)
+    seconds = row["time/rollout"] + row["time/reward"] + row["time/update"]
+    flops = row["perf/tflops"] * seconds * 1e12
+    per_group = list(trainer.step_flops._cache.values())
+    assert any(flops == pytest.approx(a + b, rel=1e-6) for a in per_group for b in per_group)
