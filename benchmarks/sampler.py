@@ -1,7 +1,14 @@
-"""Time and memory of group rollouts vs references, resolution, SDE vs ODE and group size; and what
-conditioning once per group (prompt cache + references encoded once) saves over per-sample conditioning.
+"""Time and memory of group rollouts vs backbone, references, resolution, SDE vs ODE and group size; and
+what conditioning once per group (prompt cache + references encoded once) saves over per-sample
+conditioning.
 
-Table 1, per (resolution, references, sampler method, group size G): target tokens N, reference tokens
+Rows per backbone (``--backbones``, default all three): FLUX.1 Kontext (``FlowPolicy``), FLUX.2 klein
+(``Flux2KleinPolicy``: klein-base, true CFG at 4.0, so two branches per velocity) and
+Qwen-Image-Edit-Plus (``QwenImageEditPolicy``: true CFG at 4.0, two forwards per velocity). Qwen has no
+prompt cache (the prompt is encoded together with the references), so its "cached" column repeats
+the cold one.
+
+Table 1, per (backbone, resolution, references, sampler method, group size G): target tokens N, reference tokens
 R, median time of one ``rollout`` of G samples (K steps + VAE decode; conditioning excluded, see table
 2), per sample, the bytes of the returned Trajectory (latents ``[G, K+1, N, C]`` fp32, log-probs,
 images: what an RL step keeps per group), and on CUDA the peak memory allocated during the rollout.
@@ -12,13 +19,18 @@ samples three ways: conditioned once and rolled out as one batch (what ``psr-rl`
 do), conditioned per sample (G cold ``condition()`` calls) but rolled out as one batch, and fully
 per sample (G x cold condition + rollout of 1).
 
-    python benchmarks/sampler.py                         # tiny model on the CPU (~1 min)
-    python benchmarks/sampler.py --flux-size --resolutions 512 1024 --group-sizes 1 6 --num-steps 28
+    python benchmarks/sampler.py                         # the tiny backbones on the CPU (~1 min each)
+    python benchmarks/sampler.py --full-size --resolutions 512 1024 --group-sizes 1 6 --num-steps 28
+    python benchmarks/sampler.py --full-size --backbones flux2_klein --num-steps 50   # one backbone
 
-``--flux-size`` builds FLUX.1-size random weights (see ``benchmarks/sft_step.py``: 19 + 38 blocks,
-3072 wide, bf16, the 16-channel FLUX VAE, toy text encoders of the right widths) and needs a CUDA
-GPU. Nothing is downloaded. Numbers are for comparison between rows; the tiny model is too small
-for its timings to predict a real one.
+``--full-size`` builds random weights at each backbone's published size, bf16, on a CUDA GPU:
+FLUX.1 Kontext (``sft_step.flux_size_policy``: 19 + 38 blocks, 3072 wide, the 16-channel FLUX VAE),
+FLUX.2 klein 4B (:func:`klein_size_policy`: 5 + 20 blocks, 3072 wide, the 32-channel FLUX.2 VAE) and
+Qwen-Image-Edit (:func:`qwen_image_edit_size_policy`: 60 blocks, 3072 wide, the Qwen-Image VAE), each
+with toy text encoders of the right output widths (table 1 excludes conditioning; table 2's
+conditioning times are the toy encoders'). ``--flux-size`` is ``--full-size --backbones flux_kontext``.
+Nothing is downloaded. Numbers are for comparison between rows of one run; the tiny models are too
+small for their timings to predict a real one.
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +48,7 @@ from typing import Any
 import torch
 
 METHODS = ("ode", "flow_grpo", "dance", "cps")
+BACKBONES = ("flux_kontext", "flux2_klein", "qwen_image_edit_plus")
 
 
 def sync(device: torch.device) -> None:
@@ -59,15 +73,112 @@ def trajectory_bytes(traj: Any) -> int:
     return sum(t.numel() * t.element_size() for t in (traj.latents, traj.log_probs, traj.images))
 
 
-def build_policy(args: argparse.Namespace) -> Any:
-    if args.flux_size:
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in ``dtype`` (a 20B transformer in fp32 would need 80 GB first)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def klein_size_policy(device: str, gradient_checkpointing: bool = False) -> Any:
+    """FLUX.2 klein-base 4B-size random weights, bf16: the transformer (5 double + 20 single blocks,
+    24 heads x 128, Qwen3-4B's 3 x 2560 = 7680-wide text input), the FLUX.2 VAE (32 latent channels,
+    diffusers' defaults) and a 3-layer Qwen3 of width 2560 (its three hidden states are concatenated
+    as the real model's layers 9, 18, 27); true CFG at 4.0 as klein-base."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from psr.models.flux2_klein import Flux2KleinPolicy, tiny_flux2_klein_components
+
+    comps: dict[str, Any] = tiny_flux2_klein_components(0, fitted_vae=False)
+    tokenizer = comps["tokenizer"]
+    with torch.device(device), default_dtype(torch.bfloat16):
+        comps["transformer"] = Flux2Transformer2DModel(
+            num_layers=5,
+            num_single_layers=20,
+            num_attention_heads=24,
+            joint_attention_dim=7680,
+            guidance_embeds=False,
+        )
+        comps["vae"] = AutoencoderKLFlux2()
+        comps["text_encoder"] = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=len(tokenizer),
+                hidden_size=2560,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=20,
+                num_key_value_heads=4,
+                head_dim=128,
+                max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    for name in ("transformer", "vae", "text_encoder"):
+        comps[name].requires_grad_(False).eval()
+    return Flux2KleinPolicy(
+        **comps,
+        is_distilled=False,
+        guidance_scale=4.0,
+        max_sequence_length=512,
+        text_encoder_out_layers=(1, 2, 3),
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def qwen_image_edit_size_policy(device: str, gradient_checkpointing: bool = False) -> Any:
+    """Qwen-Image-Edit-size random weights, bf16: the transformer (60 blocks, 24 heads x 128,
+    3584-wide text input; diffusers' defaults), the Qwen-Image VAE (diffusers' defaults) and a 2-layer
+    Qwen2.5-VL of width 3584 with the tiny processor; references at the pipeline's areas (384^2 seen,
+    1024^2 encoded), true CFG at 4.0."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from psr.models.qwen_image_edit import QwenImageEditPolicy, tiny_qwen_image_edit_plus_components
+    from rewards.testing import tiny_qwen_vl
+
+    comps: dict[str, Any] = tiny_qwen_image_edit_plus_components(0)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        comps["transformer"] = QwenImageTransformer2DModel()
+        comps["vae"] = AutoencoderKLQwenImage()
+        comps["text_encoder"], comps["processor"] = tiny_qwen_vl("qwen2_5_vl", hidden_size=3584)
+    comps["tokenizer"] = comps["processor"].tokenizer
+    for name in ("transformer", "vae", "text_encoder"):
+        comps[name].requires_grad_(False).eval()
+    return QwenImageEditPolicy(
+        **comps,
+        true_cfg_scale=4.0,
+        condition_area=384 * 384,
+        reference_area=1024 * 1024,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def build_policy(backbone: str, args: argparse.Namespace) -> Any:
+    if args.full_size:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sft_step import flux_size_policy
 
-        return flux_size_policy(args.device, gradient_checkpointing=False)
+        full: dict[str, Callable[[], Any]] = {
+            "flux_kontext": partial(flux_size_policy, args.device, gradient_checkpointing=False),
+            "flux2_klein": partial(klein_size_policy, args.device),
+            "qwen_image_edit_plus": partial(qwen_image_edit_size_policy, args.device),
+        }
+        return full[backbone]()
     from psr.models.builders import tiny_flux_kontext
+    from psr.models.flux2_klein import tiny_flux2_klein
+    from psr.models.qwen_image_edit import tiny_qwen_image_edit_plus
 
-    return tiny_flux_kontext(0, device=args.device)
+    tiny: dict[str, Callable[..., Any]] = {
+        "flux_kontext": tiny_flux_kontext,
+        "flux2_klein": tiny_flux2_klein,
+        "qwen_image_edit_plus": tiny_qwen_image_edit_plus,  # references at 64 x 64 (R = 16 each)
+    }
+    return tiny[backbone](0, device=args.device)
 
 
 def inputs(n_refs: int, res: int, seed: int = 0) -> tuple[str, list[torch.Tensor]]:
@@ -75,14 +186,16 @@ def inputs(n_refs: int, res: int, seed: int = 0) -> tuple[str, list[torch.Tensor
     return "a dog and a cat in a garden", [torch.rand(3, res, res, generator=g) for _ in range(n_refs)]
 
 
-def rollout_table(policy: Any, args: argparse.Namespace) -> None:
+TABLE_1 = (
+    f"{'backbone':>20} {'res':>5} {'refs':>4} {'N':>6} {'R':>6} {'method':>9} {'G':>3} {'rollout ms':>11} "
+    f"{'ms/sample':>10} {'traj MB':>8} {'peak MB':>8}"
+)
+
+
+def rollout_table(policy: Any, backbone: str, args: argparse.Namespace) -> None:
     from psr.sampling.rollout import rollout
 
     device = torch.device(args.device)
-    print(
-        f"{'res':>5} {'refs':>4} {'N':>6} {'R':>6} {'method':>9} {'G':>3} {'rollout ms':>11} {'ms/sample':>10} "
-        f"{'traj MB':>8} {'peak MB':>8}"
-    )
     for res in args.resolutions:
         for n_refs in args.refs:
             prompt, refs = inputs(n_refs, res)
@@ -114,7 +227,7 @@ def rollout_table(policy: Any, args: argparse.Namespace) -> None:
                         torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
                     )
                     print(
-                        f"{res:>5} {n_refs:>4} {cond.num_target_tokens:>6} {cond.ref_tokens.shape[1]:>6} "
+                        f"{backbone:>20} {res:>5} {n_refs:>4} {cond.num_target_tokens:>6} {cond.ref_tokens.shape[1]:>6} "
                         f"{method:>9} {g:>3} {ms:>11.1f} {ms / g:>10.1f} {trajectory_bytes(traj) / 2**20:>8.2f} "
                         f"{peak:>8.0f}",
                         flush=True,
@@ -122,25 +235,27 @@ def rollout_table(policy: Any, args: argparse.Namespace) -> None:
                     del traj
 
 
-def cache_table(policy: Any, args: argparse.Namespace) -> None:
+TABLE_2 = (
+    f"{'backbone':>20} {'refs':>4} {'G':>3} {'cold ms':>8} {'cached ms':>9} {'once ms':>9} {'per-smp ms':>10} "
+    f"{'naive ms':>9} {'naive/once':>10}"
+)
+
+
+def cache_table(policy: Any, backbone: str, args: argparse.Namespace) -> list[str]:
+    """Table 2's rows for one backbone (printed after every backbone's table 1)."""
     from psr.sampling.rollout import rollout
 
     device = torch.device(args.device)
     res = args.resolutions[0]
     k = args.num_steps
+    rows = []
 
     def cold_condition(prompt: str, refs: list[torch.Tensor]) -> Any:
-        policy._prompt_cache.clear()  # what a policy without the prompt cache would compute
+        cache = getattr(policy, "_prompt_cache", None)  # Qwen has none: every condition() is cold
+        if cache is not None:
+            cache.clear()  # what a policy without the prompt cache would compute
         return policy.condition(prompt, refs, res, res)
 
-    print(
-        f"\n# conditioning at {res} px, ODE, {k} steps: condition() cold / prompt cached; one group of G samples "
-        f"conditioned once (batched rollout) | per sample (batched rollout) | per sample (rollout of 1 each)"
-    )
-    print(
-        f"{'refs':>4} {'G':>3} {'cold ms':>8} {'cached ms':>9} {'once ms':>9} {'per-smp ms':>10} "
-        f"{'naive ms':>9} {'naive/once':>10}"
-    )
     for n_refs in args.refs:
         prompt, refs = inputs(n_refs, res)
         cold, _ = timed(partial(cold_condition, prompt, refs), args.repeats, device)
@@ -165,16 +280,28 @@ def cache_table(policy: Any, args: argparse.Namespace) -> None:
             t_once, _ = timed(once, args.repeats, device)
             t_cond, _ = timed(per_sample_cond, args.repeats, device)
             t_naive, _ = timed(naive, args.repeats, device)
-            print(
-                f"{n_refs:>4} {g:>3} {cold:>8.1f} {warm:>9.1f} {t_once:>9.1f} {t_cond:>10.1f} {t_naive:>9.1f} "
-                f"{t_naive / t_once:>9.1f}x",
-                flush=True,
+            rows.append(
+                f"{backbone:>20} {n_refs:>4} {g:>3} {cold:>8.1f} {warm:>9.1f} {t_once:>9.1f} {t_cond:>10.1f} "
+                f"{t_naive:>9.1f} {t_naive / t_once:>9.1f}x"
             )
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flux-size", action="store_true", help="FLUX.1-size random weights (needs CUDA)")
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=BACKBONES,
+        default=list(BACKBONES),
+        help="rows per backbone, in this order",
+    )
+    p.add_argument(
+        "--full-size",
+        action="store_true",
+        help="random weights at each backbone's published size (needs CUDA)",
+    )
+    p.add_argument("--flux-size", action="store_true", help="--full-size --backbones flux_kontext")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="target side in pixels")
     p.add_argument("--refs", type=int, nargs="+", default=[0, 1, 2, 4], help="references per prompt")
@@ -186,31 +313,47 @@ def main() -> None:
         help="sampler methods (sampler.method)",
     )
     p.add_argument("--group-sizes", type=int, nargs="+", default=None, help="samples per group G")
-    p.add_argument("--num-steps", type=int, default=None, help="K (default 28 with --flux-size, else 10)")
+    p.add_argument("--num-steps", type=int, default=None, help="K (default 28 with --full-size, else 10)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-cache-table", action="store_true", help="skip table 2")
     args = p.parse_args()
-    if args.flux_size and not (torch.cuda.is_available() and args.device.startswith("cuda")):
+    if args.flux_size:
+        args.full_size, args.backbones = True, ["flux_kontext"]
+    if args.full_size and not (torch.cuda.is_available() and args.device.startswith("cuda")):
         raise SystemExit(
-            "sampler.py: --flux-size builds a FLUX.1-size model (12B parameters, ~24 GB in bf16) and needs a "
-            "CUDA GPU; none is available here (or --device is not cuda). Run without --flux-size for the tiny model."
+            "sampler.py: --full-size / --flux-size build full-size models (FLUX.1 Kontext 12B, FLUX.2 klein 4B, "
+            "Qwen-Image-Edit 20B parameters; 8-41 GB in bf16) and need a CUDA GPU; none is available here (or "
+            "--device is not cuda). Run without them for the tiny models."
         )
-    args.resolutions = args.resolutions or ([512, 1024] if args.flux_size else [64, 128])
-    args.group_sizes = args.group_sizes or ([1, 6] if args.flux_size else [1, 4, 8])
-    args.num_steps = args.num_steps or (28 if args.flux_size else 10)
+    args.resolutions = args.resolutions or ([512, 1024] if args.full_size else [64, 128])
+    args.group_sizes = args.group_sizes or ([1, 6] if args.full_size else [1, 4, 8])
+    args.num_steps = args.num_steps or (28 if args.full_size else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy = build_policy(args)
-    policy.eval()
-    model = "FLUX.1-size random" if args.flux_size else "tiny"
+    model = "full-size random" if args.full_size else "tiny"
     print(
-        f"# rollout: {model} model, {policy.dtype}, {args.num_steps} steps, {args.device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats}; SDE methods noise level 0.7 on every step"
+        f"# rollout: {model} models, {args.num_steps} steps, {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}; SDE methods noise level 0.7 on every step"
     )
-    rollout_table(policy, args)
-    if not args.no_cache_table:
-        cache_table(policy, args)
+    print(TABLE_1, flush=True)
+    cache_rows: list[str] = []
+    for backbone in args.backbones:
+        policy = build_policy(backbone, args).eval()
+        rollout_table(policy, backbone, args)
+        if not args.no_cache_table:
+            cache_rows += cache_table(policy, backbone, args)
+        del policy
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if cache_rows:
+        k, res = args.num_steps, args.resolutions[0]
+        print(
+            f"\n# conditioning at {res} px, ODE, {k} steps: condition() cold / prompt cached; one group of G samples "
+            f"conditioned once (batched rollout) | per sample (batched rollout) | per sample (rollout of 1 each)"
+        )
+        print(TABLE_2)
+        print("\n".join(cache_rows))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 - :class:`Renderer` (stage ``target``): prompts -> images (:mod:`.diffusion`: FLUX.1 text-to-image;
   :mod:`.procedural`: the quickstart's composite scenes).
 - :class:`Editor` (stages ``references`` and ``edit``): image + instruction -> image
-  (:mod:`.diffusion`: FLUX.1 Kontext; :mod:`.procedural`: paste-on-scene and accessory stand-ins).
+  (:mod:`.diffusion`: FLUX.1 Kontext; :mod:`.policies`: FLUX.2 klein, Qwen-Image-Edit-Plus or any
+  psr policy; :mod:`.procedural`: paste-on-scene and accessory stand-ins).
 - :class:`Instructor` (stage ``instruct``): target + record -> final instruction (:mod:`.text`).
 - detectors (stages ``crop`` and ``filter``): ``rewards.detectors`` or
   :class:`.procedural.ColourKeyDetector`.
