@@ -8,7 +8,8 @@ DPO pairs and the objective's forward/backward/optimizer steps). One step of war
 median of ``--repeats`` steps. The number of references is set through the synthetic data
 (``data.num_subjects=[n]``: every record has n subjects, each with a reference).
 
-One axis at a time around a base setting: the first value of each list option (``--group-sizes
+Backbones are an axis like the others (``--backbones``: ``model=`` configs, FLUX.1 Kontext's ``tiny``
+first). One axis at a time around a base setting: the first value of each list option (``--group-sizes
 4 2 8``: base G = 4; each axis's other values are printed in ascending order). ``--grid`` runs every
 combination instead. GRPO's ``beta > 0`` adds the reference forward (LoRA: adapters disabled; full:
 a frozen copy of the transformer); DPO always has one, and its own beta (the config's) is not
@@ -72,7 +73,16 @@ OVERLAP_MODES = {
     "thread": ["reward_serving.overlap=true"],
     "worker": ["reward_serving.workers=1"],
 }
-AXES = ("G", "refs", "res", "algo", "mode", "beta")
+AXES = ("model", "G", "refs", "res", "algo", "mode", "beta")
+# --flux-size: the published sizes with random weights, per backbone (benchmarks/sft_step.py, sampler.py)
+FULL_SIZE = {
+    "tiny": {"_target_": "sft_step.flux_size_policy", "gradient_checkpointing": True},
+    "tiny_flux2_klein": {"_target_": "sampler.klein_size_policy", "gradient_checkpointing": True},
+    "tiny_qwen_image_edit_plus": {
+        "_target_": "sampler.qwen_image_edit_size_policy",
+        "gradient_checkpointing": True,
+    },
+}
 
 
 class SlowReward:
@@ -116,6 +126,7 @@ def compose(
     g = setting["G"]
     overrides = [
         "experiment/rl=quickstart",  # the Hydra group behind psr-rl experiment=quickstart
+        f"model={setting['model']}",
         f"run_dir={run_dir}",
         "resume=null",
         f"data.num_subjects=[{setting['refs']}]",
@@ -147,7 +158,7 @@ def compose(
         cfg = hydra_compose("rl", overrides=overrides)
     if args.flux_size:
         with open_dict(cfg):
-            cfg.model = {"_target_": "sft_step.flux_size_policy", "gradient_checkpointing": True}
+            cfg.model = FULL_SIZE[setting["model"]]
     return cfg
 
 
@@ -247,6 +258,7 @@ def measure_overlap(
 def overlap_table(args: argparse.Namespace) -> None:
     """The ``--overlap`` table (see the module docstring)."""
     setting = {
+        "model": args.backbones[0],
         "G": args.group_sizes[0],
         "refs": args.refs[0],
         "res": args.resolutions[0],
@@ -286,6 +298,7 @@ def overlap_table(args: argparse.Namespace) -> None:
 def settings(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """``(varied axis, setting)`` rows: one axis at a time around the base, or the full grid."""
     lists = {
+        "model": args.backbones,
         "G": args.group_sizes,
         "refs": args.refs,
         "res": args.resolutions,
@@ -314,6 +327,13 @@ def fmt_mb(mb: float | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flux-size", action="store_true", help="FLUX.1-size random weights (needs CUDA)")
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=list(FULL_SIZE),
+        default=list(FULL_SIZE),
+        help="model= configs (tiny: FLUX.1 Kontext); the first is the base",
+    )
     p.add_argument("--group-sizes", type=int, nargs="+", default=None, help="G; the first is the base")
     p.add_argument("--refs", type=int, nargs="+", default=[2, 1, 4], help="references per prompt")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="target side in pixels")
@@ -372,7 +392,7 @@ def main() -> None:
         overlap_table(args)
         return
     rows = settings(args)
-    model = "FLUX.1-size random" if args.flux_size else "tiny"
+    model = "published-size random" if args.flux_size else "tiny"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"# one psr-rl step: {model} model, {args.num_steps} sampler steps, P={args.prompts_per_step}, "
@@ -380,7 +400,7 @@ def main() -> None:
         f"{len(rows)} settings, median of {args.repeats} after 1 warm-up"
     )
     print(
-        f"{'varied':>6} {'G':>3} {'refs':>4} {'res':>5} {'N':>5} {'R':>5} {'algo':>4} {'mode':>4} {'beta':>5} "
+        f"{'varied':>6} {'model':>26} {'G':>3} {'refs':>4} {'res':>5} {'N':>5} {'R':>5} {'algo':>4} {'mode':>4} {'beta':>5} "
         f"{'rollout ms':>10} {'reward ms':>9} {'update ms':>9} {'step ms':>8} {'roll MB':>7} {'upd MB':>7} "
         f"{'RSS MB':>7}"
     )
@@ -393,7 +413,7 @@ def main() -> None:
             else ""
         )
         print(
-            f"{axis:>6} {r['G']:>3} {r['refs']:>4} {r['res']:>5} {r['N']:>5} {r['R']:>5} {r['algo']:>4} "
+            f"{axis:>6} {r['model']:>26} {r['G']:>3} {r['refs']:>4} {r['res']:>5} {r['N']:>5} {r['R']:>5} {r['algo']:>4} "
             f"{r['mode']:>4} {beta:>5} {r['rollout_ms']:>10.1f} {r['reward_ms']:>9.1f} {r['update_ms']:>9.1f} "
             f"{r['step_ms']:>8.1f} {fmt_mb(r['rollout_mb']):>7} {fmt_mb(r['update_mb']):>7} {r['rss_mb']:>7.0f}"
             f"{note}",
