@@ -36,7 +36,8 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_help_and_cfg_job():
     done = run("--help")
     assert done.returncode == 0, done.stderr
-    assert "algo: dpo, grpo" in done.stdout and "model: flux_kontext, tiny" in done.stdout
+    assert "algo: dpo, grpo" in done.stdout
+    assert "model: flux2_klein, flux_kontext, qwen_image_edit_plus, tiny, tiny_flux2_klein" in done.stdout
     done = run("--cfg", "job", "experiment=quickstart", "algo=dpo", "train.group_size=3")
     assert done.returncode == 0, done.stderr
     assert "_target_: psr.objectives.dpo.DPOObjective" in done.stdout and "group_size: 3" in done.stdout

@@ -112,7 +112,9 @@ def test_templates_ship_as_package_data():
 
     root = Path(rewards.__file__).parent.parent
     assert "rewards.templates.judge" in find_namespace_packages(str(root), include=["rewards*"])
-    assert len(list((root / "rewards" / "templates" / "judge").glob("*.txt"))) == 5
+    shipped = {p.stem for p in (root / "rewards" / "templates" / "judge").glob("*.txt")}
+    subsets = ("attribute", "action", "background", "complex")
+    assert {f"psrbench_{s}" for s in subsets} | {"yes_no"} <= shipped
 
 
 # ------------------------------------------------------------------------------------------ in-process
