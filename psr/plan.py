@@ -140,6 +140,65 @@ _CONFIG_FILES = {
     "scheduler": "scheduler/scheduler_config.json",
 }
 
+# FLUX.2 klein as published (diffusers layout): the transformer per variant, the FLUX.2 VAE
+# (diffusers' AutoencoderKLFlux2 defaults), Qwen3-4B / Qwen3-8B as the text encoder
+_QWEN3 = dict(vocab_size=151936, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+              max_position_embeddings=40960, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
+_KLEIN_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
+)  # fmt: skip
+FLUX2_KLEIN: dict[str, dict[str, dict[str, Any]]] = {
+    "4b": {  # FLUX.2 klein (base) 4B: 5 double + 20 single blocks, width 3072; Qwen3-4B
+        "transformer": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,
+                            joint_attention_dim=7680, in_channels=128, mlp_ratio=3.0, guidance_embeds=False),
+        "vae": {},
+        "text_encoder": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+        "scheduler": _KLEIN_SCHEDULER,
+    },
+    "9b": {  # FLUX.2 klein (base) 9B: 8 double + 24 single blocks, width 4096; Qwen3-8B
+        "transformer": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128,
+                            joint_attention_dim=12288, in_channels=128, mlp_ratio=3.0, guidance_embeds=False),
+        "vae": {},
+        "text_encoder": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
+        "scheduler": _KLEIN_SCHEDULER,
+    },
+}  # fmt: skip
+# Qwen-Image-Edit(-Plus) as published: the Qwen-Image transformer and VAE (diffusers' defaults of
+# QwenImageTransformer2DModel and AutoencoderKLQwenImage) and Qwen2.5-VL-7B-Instruct
+QWEN_IMAGE_EDIT: dict[str, dict[str, Any]] = {
+    "transformer": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2),
+    "text_encoder": dict(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], in_chans=3),
+        tie_word_embeddings=False,
+    ),
+    "scheduler": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                      base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                      time_shift_type="exponential"),
+}  # fmt: skip
+QWEN_VL_MAX_PIXELS = 12845056  # Qwen2.5-VL's processor: images up to this many pixels (min 56 * 56)
+_BACKBONE_FILES = {
+    "transformer": "transformer/config.json",
+    "vae": "vae/config.json",
+    "text_encoder": "text_encoder/config.json",
+    "scheduler": "scheduler/scheduler_config.json",
+}
+
 
 # --- Settings (conf/plan.yaml) -------------------------------------------------------------------
 
@@ -162,6 +221,7 @@ class PlannerSettings:
     num_references: int = 2  # references per prompt / record
     reference_resolution: int | None = None  # side of the square reference images (null: the target's)
     reward_tflops_per_image: float | None = None  # reward cost if known (null: not counted)
+    variant: str | None = None  # FLUX.2 klein without model.path: 4b (null) | 9b
     json: str | None = None  # also write the plan here
 
     def __post_init__(self) -> None:
@@ -172,6 +232,10 @@ class PlannerSettings:
             problems.append(f"world_size={self.world_size}: must be >= 1")
         if self.num_references < 0:
             problems.append(f"num_references={self.num_references}: must be >= 0")
+        if self.variant is not None and str(self.variant).lower() not in FLUX2_KLEIN:
+            problems.append(
+                f"variant={self.variant!r}: expected one of {sorted(FLUX2_KLEIN)} (FLUX.2 klein) or null"
+            )
         if not (self.gpu.memory_gb > 0 and self.gpu.peak_tflops > 0):
             problems.append(f"gpu={self.gpu}: memory_gb and peak_tflops must be > 0")
         if problems:
@@ -214,6 +278,191 @@ def _meta_flux_components(configs: Mapping[str, dict[str, Any]]) -> dict[str, An
     return comps
 
 
+def backbone_configs(
+    backbone: str, path: str | os.PathLike | None, variant: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Component configs of ``flux2_klein`` (``variant`` 4b | 9b, default 4b) or ``qwen_image_edit_plus``:
+    the published sizes without a path, else ``path``'s config.json files (the variant is then the
+    checkpoint's; ``is_distilled`` from its model_index.json)."""
+    if path is None:
+        if backbone == "qwen_image_edit_plus":
+            return {k: dict(v) for k, v in QWEN_IMAGE_EDIT.items()}
+        key = (variant or "4b").lower()
+        if key not in FLUX2_KLEIN:
+            raise ValueError(f"plan.variant={variant!r}: FLUX.2 klein is 4b or 9b")
+        return {k: dict(v) for k, v in FLUX2_KLEIN[key].items()}
+    from psr.models.builders import resolve_checkpoint
+
+    root = resolve_checkpoint(path)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rel in _BACKBONE_FILES.items():
+        file = root / rel
+        if not file.is_file():
+            raise FileNotFoundError(f"model.path={path}: no {rel} (psr-plan reads the component configs)")
+        out[name] = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+    index = root / "model_index.json"
+    out["index"] = json.loads(index.read_text()) if index.is_file() else {}
+    return out
+
+
+class _ChatPaddingTokenizer:
+    """Qwen3's tokenizer as Flux2KleinPolicy calls it: the chat template, then ids padded to
+    ``max_length`` (their values never change a shape; the mask marks a few tokens as real, so the
+    text encoder builds its padding mask as it does for a real prompt)."""
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text: str, *, max_length: int, **kwargs: Any) -> dict[str, Tensor]:
+        mask = torch.zeros(1, max_length, dtype=torch.long)
+        mask[:, : min(max_length, 16)] = 1
+        return {"input_ids": torch.zeros(1, max_length, dtype=torch.long), "attention_mask": mask}
+
+
+class _VLProcessor:
+    """Qwen2.5-VL's processor for the planner: the real ``Qwen2_5_VLProcessor`` (image resizing to
+    patches, the image-pad expansion: the token count per reference is exact) over a small byte-level
+    tokenizer, whose prompt-template prefix is re-cut to Qwen's 64 tokens
+    (``PROMPT_TEMPLATE_DROP``) so the text length after the drop is the real one up to the
+    prompt's own words."""
+
+    def __init__(self) -> None:
+        from psr.models.qwen_image_edit import PROMPT_TEMPLATE
+        from rewards.testing import tiny_qwen_vl_processor
+
+        self.processor = tiny_qwen_vl_processor("qwen2_5_vl", max_pixels=QWEN_VL_MAX_PIXELS)
+        self.tokenizer = self.processor.tokenizer
+        self.prefix = len(self.tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        from psr.models.qwen_image_edit import PROMPT_TEMPLATE_DROP
+
+        out = self.processor(**kwargs)
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if key in out:
+                value = out[key]
+                head = torch.full((value.shape[0], PROMPT_TEMPLATE_DROP), int(key == "attention_mask"))
+                out[key] = torch.cat([head.to(value.dtype), value[:, self.prefix :]], dim=1)
+        return out
+
+
+class _MetaVisionLanguage(torch.nn.Module):
+    """Qwen2.5-VL on the meta device, called as QwenImageEditPolicy calls its text encoder.
+
+    Its ``device`` is the CPU, so the processor's ids, masks and image grids keep their values; the
+    parts of ``Qwen2_5_VLModel.forward`` that read values (the vision tower's window and sequence
+    indices, the image-token scatter) are computed here from them on the CPU, and every layer (the
+    vision tower, the language model, the LM head, as the real forward runs them) runs on meta.
+    A prompt without padding runs without a mask (causal), as transformers does."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                image_grid_thw: Tensor | None = None, **kwargs: Any) -> Any:  # fmt: skip
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(input_ids.to("meta"))
+        if pixel_values is not None and image_grid_thw is not None:
+            visual = inner.visual
+            grid = image_grid_thw.cpu()
+            cu, max_len = get_vision_attention_seqlens(grid, visual.config)
+            window, cu_window = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                        window_size=visual.window_size, patch_size=visual.patch_size)  # fmt: skip
+            images = visual(
+                pixel_values.to("meta", visual.dtype),
+                grid_thw=grid,
+                position_ids=get_vision_position_ids(grid, visual.spatial_merge_size).to("meta"),
+                cu_seqlens=cu,
+                max_seqlen=max_len,
+                window_index=window,
+                cu_window_seqlens=cu_window,
+            ).pooler_output
+            where = (input_ids[0] == self.config.image_token_id).nonzero()[:, 0]
+            if len(where) != images.shape[0]:
+                raise ValueError(f"{len(where)} image tokens for {images.shape[0]} image features")
+            embeds = embeds.clone()
+            embeds[0, where] = images.to(embeds.dtype)
+        mask = None if bool(attention_mask.all()) else attention_mask.to("meta")
+        out = inner.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True,
+                                   use_cache=False)  # fmt: skip
+        self.model.lm_head(out.last_hidden_state)  # the real forward computes every token's logits
+        return SimpleNamespace(hidden_states=out.hidden_states)
+
+
+def _meta_klein_components(configs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        comps = {
+            "transformer": Flux2Transformer2DModel.from_config(configs["transformer"]),
+            "vae": AutoencoderKLFlux2.from_config(configs["vae"]),
+            "text_encoder": Qwen3ForCausalLM(Qwen3Config(**configs["text_encoder"])),
+        }
+    comps["tokenizer"] = _ChatPaddingTokenizer()
+    comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"])
+    return comps
+
+
+def _meta_qwen_components(configs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = _VLProcessor()
+    tokens = {name: processor.tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+              for name in ("image_pad", "video_pad", "vision_start")}  # fmt: skip
+    te = dict(configs["text_encoder"])
+    # the special tokens of the planner's processor (the real ones sit at other ids of the real vocabulary)
+    te.update(image_token_id=tokens["image_pad"], video_token_id=tokens["video_pad"],
+              vision_start_token_id=tokens["vision_start"])  # fmt: skip
+    with torch.device("meta"):
+        comps = {
+            "transformer": QwenImageTransformer2DModel.from_config(configs["transformer"]),
+            "vae": AutoencoderKLQwenImage.from_config(configs["vae"]),
+            "text_encoder": _MetaVisionLanguage(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te))),
+        }
+    comps["tokenizer"] = processor.tokenizer
+    comps["processor"] = processor
+    comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"])
+    return comps
+
+
+@contextmanager
+def meta_padding_masks() -> Iterator[None]:
+    """Inside, transformers builds the causal mask of a padded prompt on meta as it does for real
+    values: its check "is every token real, so the mask can be skipped?" reads values; on meta the
+    answer is no (the planner's prompts are padded, as FLUX.2 klein pads them to 512)."""
+    from transformers import masking_utils
+
+    original = masking_utils._ignore_causal_mask_sdpa
+
+    def ignore(padding_mask: Tensor | None, *args: Any, **kwargs: Any) -> bool:
+        if padding_mask is not None and padding_mask.device.type == "meta":
+            return False
+        return bool(original(padding_mask, *args, **kwargs))
+
+    masking_utils._ignore_causal_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
+
+
 class _PaddingTokenizer:
     """Token ids of the padded length FlowPolicy asks for: prompts are padded to the maximum length,
     so the ids' values never change a shape (ids 0: the real vocabularies are not needed)."""
@@ -229,10 +478,12 @@ class _PaddingTokenizer:
         return SimpleNamespace(input_ids=torch.zeros(len(texts), max_length, dtype=torch.long))
 
 
-def meta_policy(model: Mapping[str, Any]) -> Any:
+def meta_policy(model: Mapping[str, Any], variant: str | None = None) -> Any:
     """The policy ``model`` (a ``model`` config node as a mapping) describes, on the meta device.
 
-    Knows :func:`psr.models.builders.flux_kontext` (``path`` optional here) and
+    Knows :func:`psr.models.builders.flux_kontext`, :func:`psr.models.flux2_klein.flux2_klein`
+    (``variant`` 4b | 9b without a path) and :func:`psr.models.qwen_image_edit.qwen_image_edit_plus`
+    (``path`` optional for all three: the published sizes), and
     :func:`~psr.models.builders.tiny_flux_kontext`.
     """
     from psr.models.builders import parse_dtype, tiny_flux_kontext_components
@@ -240,6 +491,8 @@ def meta_policy(model: Mapping[str, Any]) -> Any:
 
     target = str(model.get("_target_", ""))
     name = target.rsplit(".", 1)[-1]
+    if name in ("flux2_klein", "qwen_image_edit_plus"):
+        return _meta_backbone(name, model, variant)
     if name == "tiny_flux_kontext":
         from unittest import mock
 
@@ -257,8 +510,8 @@ def meta_policy(model: Mapping[str, Any]) -> Any:
         max_length = int(model.get("max_sequence_length", 512))
     else:
         raise ValueError(
-            f"model._target_={target}: psr-plan builds psr.models.builders.flux_kontext and tiny_flux_kontext "
-            "on the meta device"
+            f"model._target_={target}: psr-plan builds psr.models.builders.flux_kontext, tiny_flux_kontext, "
+            "psr.models.flux2_klein.flux2_klein and psr.models.qwen_image_edit.qwen_image_edit_plus on the meta device"
         )
     dtype = parse_dtype(model.get("dtype", "float32"))
     te_dtype = parse_dtype(model.get("text_encoder_dtype") or dtype)
@@ -279,6 +532,44 @@ def meta_policy(model: Mapping[str, Any]) -> Any:
         max_sequence_length=max_length,
         gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
     )
+
+
+def _meta_backbone(name: str, model: Mapping[str, Any], variant: str | None) -> Any:
+    """FLUX.2 klein or Qwen-Image-Edit-Plus on meta, with the builder's own policy arguments."""
+    from psr.models.builders import parse_dtype
+
+    configs = backbone_configs(name, model.get("path"), variant)
+    if name == "flux2_klein":
+        from psr.models.flux2_klein import Flux2KleinPolicy
+
+        comps = _meta_klein_components(configs)
+        distilled = model.get("is_distilled")
+        if distilled is None:
+            distilled = bool(configs.get("index", {}).get("is_distilled", False))
+        extra: dict[str, Any] = dict(
+            is_distilled=bool(distilled),
+            guidance_scale=float(model.get("guidance_scale", 4.0)),
+            reference_max_area=int(model.get("reference_max_area", 1024 * 1024)),
+            max_sequence_length=int(model.get("max_sequence_length", 512)),
+            text_encoder_out_layers=tuple(model.get("text_encoder_out_layers", (9, 18, 27))),
+        )
+        cls: Any = Flux2KleinPolicy
+    else:
+        from psr.models.qwen_image_edit import QwenImageEditPolicy
+
+        comps = _meta_qwen_components(configs)
+        extra = dict(
+            true_cfg_scale=float(model.get("true_cfg_scale", 4.0)),
+            negative_prompt=str(model.get("negative_prompt", " ")),
+            condition_area=int(model.get("condition_area", 384 * 384)),
+            reference_area=int(model.get("reference_area", 1024 * 1024)),
+        )
+        cls = QwenImageEditPolicy
+    dtype = parse_dtype(model.get("dtype", "bfloat16"))
+    te_dtype = parse_dtype(model.get("text_encoder_dtype") or dtype)
+    for key, dt in (("transformer", dtype), ("vae", dtype), ("text_encoder", te_dtype)):
+        comps[key].to(dtype=dt).requires_grad_(False).eval()
+    return cls(**comps, **extra, gradient_checkpointing=bool(model.get("gradient_checkpointing", False)))
 
 
 # --- Model states per GPU ------------------------------------------------------------------------
@@ -494,7 +785,8 @@ def _prepare(policy: Any, mode: str, lora: Mapping[str, Any], keep_reference: bo
     ids = {id(p) for p in params}
     transformer = list(policy.transformer.parameters())
     frozen = [p for p in transformer if id(p) not in ids]
-    encoders = [*policy.text_encoder.parameters(), *policy.text_encoder_2.parameters()]
+    text_encoders = [getattr(policy, n) for n in ("text_encoder", "text_encoder_2") if hasattr(policy, n)]
+    encoders = [p for m in text_encoders for p in m.parameters()]
     device = str(model.get("text_encoder_device") or "cuda")
     reference = policy.__dict__.get("_reference")
     sizes = {
@@ -548,7 +840,11 @@ def _static(states: Mapping[str, float], resident: str) -> float:
     return sum(states.get(k, 0.0) for k in keep)
 
 
-def _references(n: int, side: int) -> list[Tensor]:
+def _references(n: int, side: int, policy: Any = None) -> list[Tensor]:
+    """Reference images on meta; on the CPU (zeros) for a policy that reads their pixels before the
+    device (Qwen-Image-Edit: PIL images for its processor)."""
+    if type(policy).__name__ == "QwenImageEditPolicy":
+        return [torch.zeros(3, side, side) for _ in range(n)]
     return [torch.empty(3, side, side, device="meta") for _ in range(n)]
 
 
@@ -567,7 +863,7 @@ def plan_rl(cfg: Any, plan: PlannerSettings) -> Plan:
         cfg.algo, micro_batch_size=train.micro_batch_size, inner_epochs=train.inner_epochs
     )
     engine, model = EngineSpec.from_config(_plain(cfg.engine)), _plain(cfg.model)
-    policy = meta_policy(model)
+    policy = meta_policy(model, plan.variant)
     sizes, hooks = _prepare(
         policy, train.mode, dataclasses.asdict(train.lora), objective.needs_reference, engine, model
     )
@@ -576,12 +872,15 @@ def plan_rl(cfg: Any, plan: PlannerSettings) -> Plan:
     cond_m: dict[str, float] = {}
     roll_m: dict[str, float] = {}
     upd_m: dict[str, float] = {}
-    notes = []
-    with flash_attention():
+    notes = _backbone_notes(policy)
+    with flash_attention(), meta_padding_masks():
         policy.eval()
         with _measure(meter, cond_m):
             cond = policy.condition(
-                "a photo", _references(plan.num_references, plan.reference_resolution or res), res, res
+                "a photo",
+                _references(plan.num_references, plan.reference_resolution or res, policy),
+                res,
+                res,
             )
         with repeat_forwards(policy.transformer, meter), _measure(meter, roll_m):
             traj = rollout(policy, cond, g, **dataclasses.asdict(sampler))
@@ -663,30 +962,33 @@ def plan_sft(cfg: Any, plan: PlannerSettings) -> Plan:
     res = settings(cfg.dataset, DatasetSettings, "dataset").resolution
     objective = instantiate(cfg.objective)
     engine, model = EngineSpec.from_config(_plain(cfg.engine)), _plain(cfg.model)
-    policy = meta_policy(model)
+    policy = meta_policy(model, plan.variant)
     sizes, hooks = _prepare(policy, train.mode, dataclasses.asdict(train.lora), False, engine, model)
     meter = Meter(exclude=_existing(policy))
     b = train.micro_batch_size
     enc_m: dict[str, float] = {}
     upd_m: dict[str, float] = {}
-    with flash_attention():
+    with flash_attention(), meta_padding_masks():
         policy.train()
         with _measure(meter, enc_m):  # SFTTrainer.batch_loss: targets, then one conditioning per record
             x0 = policy.encode_images(torch.empty(b, 3, res, res, device="meta"))
             side = plan.reference_resolution or res
             conds = [
-                policy.condition(f"record {i}", _references(plan.num_references, side), res, res)
+                policy.condition(f"record {i}", _references(plan.num_references, side, policy), res, res)
                 for i in range(b)
             ]
             sigmas = objective.sample(b, x0.shape[1], policy.scheduler_config, None, "meta")
             noise = torch.empty(x0.shape, device="meta")
         # stack_conditionings keys records by their position ids' values; on meta every record of the
         # plan has the same layout, so the key is built from zeros of the same shapes
-        keyed = [dataclasses.replace(c, ref_ids=torch.zeros(c.ref_ids.shape)) for c in conds]
-        stacked = [
-            (idx, dataclasses.replace(s, ref_ids=conds[idx[0]].ref_ids))
-            for idx, s in policy.stack_conditionings(keyed)
-        ]
+        if hasattr(conds[0], "ref_ids"):
+            keyed = [dataclasses.replace(c, ref_ids=torch.zeros(c.ref_ids.shape)) for c in conds]
+            stacked = [
+                (idx, dataclasses.replace(s, ref_ids=conds[idx[0]].ref_ids))
+                for idx, s in policy.stack_conditionings(keyed)
+            ]
+        else:  # Qwen-Image-Edit: one conditioning per record, nothing keyed
+            stacked = policy.stack_conditionings(conds)
         with _measure(meter, upd_m):
             for idx, cond in stacked:
                 loss, _ = objective(policy, x0[idx], cond, sigmas=sigmas[idx], noise=noise[idx])
@@ -706,8 +1008,26 @@ def plan_sft(cfg: Any, plan: PlannerSettings) -> Plan:
                "tokens": {"target": conds[0].num_target_tokens, "references": int(conds[0].ref_tokens.shape[1]),
                           "text": int(conds[0].prompt_embeds.shape[1])}}  # fmt: skip
     return Plan(
-        "sft", plan.world_size, plan.gpu.memory_gb, plan.gpu.peak_tflops, phases, sizes, setting, engine
-    )
+        "sft", plan.world_size, plan.gpu.memory_gb, plan.gpu.peak_tflops, phases, sizes, setting, engine,
+        _backbone_notes(policy),
+    )  # fmt: skip
+
+
+def _backbone_notes(policy: Any) -> list[str]:
+    """What the planner supplies for a backbone's value-reading steps (see :func:`meta_policy`)."""
+    kind = type(policy).__name__
+    if kind == "Flux2KleinPolicy":
+        cfg = "true CFG: one batch-2B forward per velocity" if policy.guidance_scale else "no CFG (distilled)"
+        return [
+            f"FLUX.2 klein, {cfg}; Qwen3 prompt padded to {policy.max_sequence_length} tokens (shape-only tokenizer)"
+        ]
+    if kind == "QwenImageEditPolicy":
+        cfg = "true CFG: two forwards per velocity" if policy.true_cfg_scale else "no CFG"
+        return [
+            f"Qwen-Image-Edit, {cfg}; references as CPU zeros for the processor; Qwen2.5-VL's index glue "
+            "on the CPU, its layers on meta; prompt words counted by a small byte-level tokenizer"
+        ]
+    return []
 
 
 def _existing(policy: Any) -> list[Tensor]:
@@ -834,9 +1154,12 @@ def make_plan(overrides: Sequence[str]) -> tuple[Plan, PlannerSettings]:
 PAPER_BASE = ("experiment=psr_rl",)  # FLUX.1 Kontext-dev, Flow-GRPO, G = 6, 28 steps, LoRA 64, bf16
 
 
-def paper_table(world_size: int = 8, memory_gb: float = 80.0, peak_tflops: float = 989.0) -> str:
+def paper_table(
+    world_size: int = 8, memory_gb: float = 80.0, peak_tflops: float = 989.0, overrides: Sequence[str] = ()
+) -> str:
     """The paper's RL settings under each engine: 2 and 4 references, 512 and 1024 px, all 28 steps
-    trained or a 2-step SDE window (``sampler.sde_window=[0,2]``), LoRA 64 or full fine-tuning.
+    trained or a 2-step SDE window (``sampler.sde_window=[0,2]``), LoRA 64 or full fine-tuning;
+    ``overrides`` pick another backbone (``model=flux2_klein plan.variant=9b``, ``model=qwen_image_edit_plus``).
 
     One symbolic step per (references, resolution, mode); the engines reuse it (same bf16 compute)
     and the window changes only how many steps train, so its update FLOPs are the all-steps ones
@@ -856,7 +1179,7 @@ def paper_table(world_size: int = 8, memory_gb: float = 80.0, peak_tflops: float
         for px in (512, 1024):
             for mode in ("lora", "full"):
                 base, _ = make_plan([*PAPER_BASE, *gpu, f"plan.num_references={refs}", f"train.resolution={px}",
-                                     f"train.mode={mode}", "algo.train_steps=all"])  # fmt: skip
+                                     f"train.mode={mode}", "algo.train_steps=all", *overrides])  # fmt: skip
                 for window in (28, 2):
                     for kind in ("torch", "zero2", "zero3"):
                         plan = base.with_engine(dataclasses.replace(base.engine, kind=kind))
@@ -877,9 +1200,10 @@ _USAGE = """usage: psr-plan [--sft] [plan.KEY=VALUE ...] [psr-rl or psr-sft over
   psr-plan experiment=psr_rl engine=ds_zero2 plan.world_size=8 plan.gpu.memory_gb=80 plan.gpu.peak_tflops=989
   psr-plan --sft experiment=psr_sft engine=ds_zero3 plan.json=plan.json
   psr-plan --paper      (the paper's RL settings on 8 x 80 GiB at 989 TFLOP/s: docs/benchmarks.md)
+  psr-plan --paper model=flux2_klein plan.variant=9b      (or model=qwen_image_edit_plus)
 
 plan.* keys (conf/plan.yaml): trainer, world_size, gpu.memory_gb, gpu.peak_tflops, num_references,
-reference_resolution, reward_tflops_per_image, json. Prints FLOPs, memory per GPU, whether each
+reference_resolution, reward_tflops_per_image, variant (FLUX.2 klein: 4b | 9b), json. Prints FLOPs, memory per GPU, whether each
 phase fits, a lower bound of its time and the largest batch that fits."""
 
 
@@ -895,7 +1219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_USAGE)
         return
     if "--paper" in args:
-        print(paper_table())
+        print(paper_table(overrides=[a for a in args if a != "--paper"]), flush=True)
         return
     if "--sft" in args:
         args = [a for a in args if a != "--sft"] + ["plan.trainer=sft"]

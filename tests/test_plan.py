@@ -428,3 +428,152 @@ def test_psr_sft_logs_tflops_and_mfu(tmp_path):
     flops = row["perf/tflops"] * row["time/update"] * 1e12
     per_record = list(trainer.step_flops._cache.values())
     assert any(flops == pytest.approx(a + b, rel=1e-9) for a in per_record for b in per_record)
+
+
+# --- FLUX.2 klein and Qwen-Image-Edit (psr-plan model=flux2_klein / qwen_image_edit_plus) ----------
+
+
+def klein_double_block_flops(n_img: int, n_txt: int, d: int, heads: int, mlp_ratio: float = 3.0) -> int:
+    """Flux2TransformerBlock forward (modulation is computed once per model, outside the blocks):
+    q/k/v and output projections of both streams, two SwiGLU feed-forwards (D -> 2 * 3D, gated to
+    3D -> D), joint attention."""
+    n, h = n_img + n_txt, int(d * mlp_ratio)
+    qkv_out = 4 * 2 * n * d * d
+    ff = 2 * n * d * 2 * h + 2 * n * h * d
+    return qkv_out + ff + 4 * heads * n * n * (d // heads)
+
+
+def klein_single_block_flops(n: int, d: int, heads: int, mlp_ratio: float = 3.0) -> int:
+    """Flux2SingleTransformerBlock forward: one fused projection to q, k, v and the SwiGLU input
+    (D -> 3D + 2 * 3D), attention, the output projection of [attention, gated MLP] (D + 3D -> D)."""
+    h = int(d * mlp_ratio)
+    return 2 * n * d * (3 * d + 2 * h) + 2 * n * (d + h) * d + 4 * heads * n * n * (d // heads)
+
+
+def qwen_block_flops(n_img: int, n_txt: int, d: int, heads: int) -> int:
+    """QwenImageTransformerBlock forward: per stream a modulation (D -> 6D on the timestep embedding),
+    q/k/v and output projections, a GELU feed-forward (D -> 4D -> D); joint attention."""
+    n = n_img + n_txt
+    mods = 2 * (2 * d * 6 * d)
+    return mods + 4 * 2 * n * d * d + 2 * (2 * n * d * 4 * d) + 4 * heads * n * n * (d // heads)
+
+
+@pytest.mark.parametrize("variant", ["4b", "9b"])
+def test_full_size_klein_blocks_flops(variant):
+    """FLUX.2 klein's published blocks at 512 px with 2 references (1024 + 2048 image tokens, 512
+    text tokens), forward, and backward = twice the matmuls + 2.5 times the attention."""
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2SingleTransformerBlock,
+        Flux2TransformerBlock,
+    )
+
+    from psr.plan import FLUX2_KLEIN
+
+    cfg = FLUX2_KLEIN[variant]["transformer"]
+    heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    d, n_img, n_txt = heads * hd, 3072, 512
+    with torch.device("meta"):
+        double = Flux2TransformerBlock(dim=d, num_attention_heads=heads, attention_head_dim=hd)
+        single = Flux2SingleTransformerBlock(dim=d, num_attention_heads=heads, attention_head_dim=hd)
+    img = torch.empty(1, n_img, d, device="meta", requires_grad=True)
+    txt = torch.empty(1, n_txt, d, device="meta", requires_grad=True)
+    mod = torch.empty(1, 6 * d, device="meta", requires_grad=True)
+    attention = 4 * heads * (n_img + n_txt) ** 2 * hd
+    runs = (
+        (lambda: double(img, txt, mod, mod), klein_double_block_flops(n_img, n_txt, d, heads)),
+        (lambda: single(img, txt, mod[:, : 3 * d]), klein_single_block_flops(n_img + n_txt, d, heads)),
+    )
+    for run, expected in runs:
+        meter = Meter()
+        with flash_attention(), meter:
+            out = run()
+        assert meter.flops == expected
+        with flash_attention(), meter:
+            sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+        assert meter.flops == expected + 2 * (expected - attention) + 2.5 * attention
+
+
+def test_full_size_qwen_image_block_flops():
+    """One Qwen-Image block (width 3072, 24 heads) at 512 px with 2 references encoded at 1024 px
+    (1024 + 2 x 4096 image tokens) and 424 text tokens, forward and backward."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    d, heads, n_img, n_txt = 3072, 24, 1024 + 2 * 4096, 424
+    with torch.device("meta"):
+        block = QwenImageTransformerBlock(dim=d, num_attention_heads=heads, attention_head_dim=128)
+    img = torch.empty(1, n_img, d, device="meta", requires_grad=True)
+    txt = torch.empty(1, n_txt, d, device="meta", requires_grad=True)
+    temb = torch.empty(1, d, device="meta", requires_grad=True)
+    expected = qwen_block_flops(n_img, n_txt, d, heads)
+    meter = Meter()
+    with flash_attention(), meter:
+        out = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None, temb=temb)
+    assert meter.flops == expected
+    with flash_attention(), meter:
+        sum(o.float().sum() for o in out).backward()
+    attention = 4 * heads * (n_img + n_txt) ** 2 * 128
+    assert meter.flops == expected + 2 * (expected - attention) + 2.5 * attention
+
+
+@pytest.mark.parametrize(
+    ("model", "variant", "transformer", "text_encoder"),
+    [
+        ("flux2_klein", None, 3_875_544_576, 4_022_468_096),  # FLUX.2 klein 4B; Qwen3-4B
+        ("flux2_klein", "9b", 9_078_581_248, 8_190_735_360),  # FLUX.2 klein 9B; Qwen3-8B
+        ("qwen_image_edit_plus", None, 20_430_401_088, 8_292_166_656),  # Qwen-Image 20B; Qwen2.5-VL-7B
+    ],
+)
+def test_meta_backbones_have_the_published_sizes(model, variant, transformer, text_encoder):
+    """Parameters of the meta-built models: FLUX.2 klein 4B (3.88 B) and 9B (9.08 B) transformers,
+    Qwen-Image's 20.43 B; Qwen3-4B 4.02 B, Qwen3-8B 8.19 B, Qwen2.5-VL-7B 8.29 B (with its vision tower)."""
+    target = {"flux2_klein": "psr.models.flux2_klein.flux2_klein",
+              "qwen_image_edit_plus": "psr.models.qwen_image_edit.qwen_image_edit_plus"}[model]  # fmt: skip
+    policy = meta_policy({"_target_": target, "dtype": "bfloat16"}, variant)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(policy.transformer), count(policy.text_encoder)) == (transformer, text_encoder)
+    assert {p.device.type for p in policy.parameters()} == {"meta"}
+    published = {
+        ("flux2_klein", None): 3.88,
+        ("flux2_klein", "9b"): 9.08,
+        ("qwen_image_edit_plus", None): 20.43,
+    }
+    assert round(count(policy.transformer) / 1e9, 2) == published[model, variant]
+
+
+def test_klein_variant_errors_name_the_key():
+    from psr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="plan.variant='12b'"):
+        make_plan(["experiment=quickstart", "plan.variant=12b"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "tokens"),
+    [
+        ("flux2_klein", {"target": 1024, "references": 2048, "text": 512}),
+        ("qwen_image_edit_plus", {"target": 1024, "references": 8192, "text": 424}),
+    ],
+)
+def test_full_size_backbone_symbolic_step(model, tokens):
+    """One RL step of FLUX.2 klein 4B (true CFG: one batch-2G forward per velocity) and of
+    Qwen-Image-Edit 20B (true CFG: two forwards; Qwen2.5-VL reads the references, its vision tower on
+    meta), LoRA 64, 2 references at 512 px, without weight memory. The rollout is at least the K
+    transformer forwards of both CFG branches written out by hand (blocks only)."""
+    cfg = compose("rl", ["experiment=psr_rl", f"model={model}", "train.prompts_per_step=1"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    plan = plan_rl(cfg, PlannerSettings(num_references=2))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grown_mb < 500 and plan.setting["tokens"] == tokens
+    n_img, n_txt = tokens["target"] + tokens["references"], tokens["text"]
+    rollout = next(p for p in plan.phases if p.name == "rollout").flops
+    if model == "flux2_klein":
+        blocks = 5 * klein_double_block_flops(n_img, n_txt, 3072, 24) + 20 * klein_single_block_flops(
+            n_img + n_txt, 3072, 24
+        )
+        assert 28 * 12 * blocks < rollout < 28 * 12 * blocks * 1.05  # batch 2G = 12
+    else:
+        neg = n_txt - 1  # the negative prompt " " (with the same two pictures) is one token shorter
+        blocks = 60 * 6 * (qwen_block_flops(n_img, n_txt, 3072, 24) + qwen_block_flops(n_img, neg, 3072, 24))
+        assert 28 * blocks < rollout < 28 * blocks * 1.05
+    assert all(p.flops > 0 for p in plan.phases if p.name != "reward")
