@@ -19,7 +19,13 @@ samples three ways: conditioned once and rolled out as one batch (what ``psr-rl`
 do), conditioned per sample (G cold ``condition()`` calls) but rolled out as one batch, and fully
 per sample (G x cold condition + rollout of 1).
 
+Table 3 (``--vs-pipeline``, alone): psr's cold ``condition`` + ODE ``rollout`` against diffusers'
+``FluxKontextPipeline`` generating the same G images (same components, one reference, the same
+initial latents) on a FLUX.1 Kontext transformer wide enough to be compute-bound on a CPU (44M
+parameters), with the time inside the transformer, text encoders and VAE per side.
+
     python benchmarks/sampler.py                         # the tiny backbones on the CPU (~1 min each)
+    python benchmarks/sampler.py --vs-pipeline --threads 1 --repeats 6   # table 3 (~2 min)
     python benchmarks/sampler.py --full-size --resolutions 512 1024 --group-sizes 1 6 --num-steps 28
     python benchmarks/sampler.py --full-size --backbones flux2_klein --num-steps 50   # one backbone
 
@@ -287,6 +293,157 @@ def cache_table(policy: Any, backbone: str, args: argparse.Namespace) -> list[st
     return rows
 
 
+def wide_flux_kontext_components(seed: int = 0) -> dict[str, Any]:
+    """The tiny FLUX.1 Kontext components with a transformer wide enough to be compute-bound on a CPU:
+    2 double + 6 single blocks, 4 heads x 128 (512 wide, RoPE axes (16, 56, 56) as FLUX.1), 44M
+    parameters; the tiny text encoders and VAE, fp32."""
+    from diffusers import FluxTransformer2DModel
+
+    from psr.models.builders import tiny_flux_kontext_components
+
+    comps: dict[str, Any] = tiny_flux_kontext_components(seed)
+    torch.manual_seed(seed)
+    transformer: Any = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=6,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    comps["transformer"] = transformer.requires_grad_(False).eval()
+    return comps
+
+
+class PhaseTimer:
+    """Wall time spent inside wrapped callables, summed per phase name (the breakdown of table 3)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, float] = {}
+
+    def wrap(self, obj: Any, attr: str, phase: str) -> None:
+        fn = getattr(obj, attr)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.ms[phase] = self.ms.get(phase, 0.0) + 1000 * (time.perf_counter() - t0)
+
+        setattr(obj, attr, call)  # an instance attribute: module.__call__ finds it as self.forward
+
+
+PHASES = ("transformer", "text encoders", "vae encode", "vae decode")
+TABLE_3 = (
+    f"{'':>9} {'res':>4} {'G':>2} {'K':>2} {'total ms':>9} "
+    + " ".join(f"{p:>13}" for p in PHASES)
+    + f" {'rest ms':>8} {'total ratio':>11} {'max |diff|':>10}"
+)
+
+
+def pipeline_table(args: argparse.Namespace) -> None:
+    """Table 3: psr's cold ``condition`` + ODE ``rollout`` against ``FluxKontextPipeline`` on the same
+    components, generating the same G images (one reference, the same initial latents), timed
+    alternately (ABBA order) in one process. Phases are the time inside the wrapped modules (both
+    sides call the same module objects); ``rest`` is everything else (Python, per-step tensor
+    bookkeeping, the Euler step, pre/post-processing)."""
+    from diffusers import FluxKontextPipeline
+
+    from psr.models.policy import FlowPolicy
+    from psr.sampling.rollout import initial_noise, rollout
+
+    device = torch.device(args.device)
+    comps = wide_flux_kontext_components(0)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        comps[name].to(device)
+    policy = FlowPolicy(**comps, max_sequence_length=32).eval()
+    pipe: Any = FluxKontextPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    timer = PhaseTimer(device)
+    timer.wrap(comps["transformer"], "forward", "transformer")
+    timer.wrap(comps["text_encoder"], "forward", "text encoders")
+    timer.wrap(comps["text_encoder_2"], "forward", "text encoders")
+    timer.wrap(comps["vae"], "encode", "vae encode")
+    timer.wrap(comps["vae"], "decode", "vae decode")
+    n_params = sum(p.numel() for p in comps["transformer"].parameters()) / 1e6
+    k = args.num_steps
+    print(
+        f"\n# psr (cold condition() + rollout(method=ode)) vs diffusers FluxKontextPipeline, same components "
+        f"(transformer {n_params:.1f}M parameters, fp32), same G images from the same latents, 1 reference, "
+        f"{k} steps, {args.device}, {torch.get_num_threads()} threads; median of {args.repeats} alternating "
+        f"runs after 1 warm-up each; phases: time inside the module calls"
+    )
+    print(TABLE_3)
+    for res in args.resolutions:
+        prompt, refs = inputs(1, res)
+        for g in args.group_sizes:
+            x0 = initial_noise(
+                policy, policy.condition(prompt, refs, res, res), g, torch.Generator(device).manual_seed(0)
+            )
+
+            def ours(
+                g: int = g, res: int = res, prompt: str = prompt, refs: list = refs, x0: torch.Tensor = x0
+            ) -> torch.Tensor:
+                policy._prompt_cache.clear()  # the pipeline encodes the prompt on every call
+                cond = policy.condition(prompt, refs, res, res)
+                return rollout(policy, cond, g, num_steps=k, method="ode", latents=x0).images
+
+            def theirs(
+                g: int = g, res: int = res, prompt: str = prompt, refs: list = refs, x0: torch.Tensor = x0
+            ) -> torch.Tensor:
+                return pipe(
+                    image=refs[0][None],
+                    prompt=prompt,
+                    height=res,
+                    width=res,
+                    num_inference_steps=k,
+                    guidance_scale=2.5,
+                    latents=x0.clone(),
+                    max_area=res * res,
+                    _auto_resize=False,
+                    output_type="pt",
+                    max_sequence_length=32,
+                    num_images_per_prompt=g,
+                ).images
+
+            runs: dict[str, list[dict[str, float]]] = {"psr": [], "diffusers": []}
+            images = {"psr": ours(), "diffusers": theirs()}  # warm-up
+            for r in range(args.repeats):
+                order = [("psr", ours), ("diffusers", theirs)]
+                for name, fn in order if r % 2 == 0 else order[::-1]:
+                    timer.ms = {}
+                    sync(device)
+                    t0 = time.perf_counter()
+                    images[name] = fn()
+                    sync(device)
+                    row = {"total": 1000 * (time.perf_counter() - t0), **timer.ms}
+                    row["rest"] = row["total"] - sum(timer.ms.values())
+                    runs[name].append(row)
+            diff = (images["psr"] - images["diffusers"].float()).abs().max().item()
+            med = {
+                name: {
+                    c: statistics.median(row.get(c, 0.0) for row in rows) for c in ("total", *PHASES, "rest")
+                }
+                for name, rows in runs.items()
+            }
+            for name in ("psr", "diffusers"):
+                m = med[name]
+                print(
+                    f"{name:>9} {res:>4} {g:>2} {k:>2} {m['total']:>9.1f} "
+                    + " ".join(f"{m[p]:>13.1f}" for p in PHASES)
+                    + f" {m['rest']:>8.1f} {m['total'] / med['diffusers']['total']:>10.3f}x {diff:>10.1e}",
+                    flush=True,
+                )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -317,7 +474,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-cache-table", action="store_true", help="skip table 2")
+    p.add_argument(
+        "--vs-pipeline",
+        action="store_true",
+        help="only table 3: psr's ODE rollout vs diffusers' FluxKontextPipeline on a 44M-parameter "
+        "FLUX.1 Kontext (defaults 128 px, G=4, 8 steps)",
+    )
     args = p.parse_args()
+    if args.vs_pipeline:
+        args.resolutions = args.resolutions or [128]
+        args.group_sizes = args.group_sizes or [4]
+        args.num_steps = args.num_steps or 8
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        pipeline_table(args)
+        return
     if args.flux_size:
         args.full_size, args.backbones = True, ["flux_kontext"]
     if args.full_size and not (torch.cuda.is_available() and args.device.startswith("cuda")):

@@ -774,7 +774,6 @@ def tiny_hpsv3(seed: int = 0, *, device: str = "cpu", dtype: str = "float32", **
         return hpsv3(str(base), str(checkpoint), str(instruction), device=device, dtype=dtype, **kwargs)
 
 
-
 def tiny_qwen3_vl(seed: int = 0, *, hidden_size: int = 64) -> tuple[Any, Any]:
     """``(model, processor)``: a random tiny Qwen3-VL (2 text layers, a 1-block vision tower with
     16 px patches and one deepstack level) over :func:`qwen_tokenizer`, eval mode, fp32."""
