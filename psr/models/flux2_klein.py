@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from psr.models.builders import TINY_VAE_WEIGHTS, load_components, parse_dtype
@@ -196,21 +195,6 @@ class Flux2KleinPolicy(PolicyBase):
             bn.running_var.to(device=device, dtype=torch.float32) + self.vae.config.batch_norm_eps
         )
         return mean, std
-
-    def preprocess(self, image: Tensor, height: int, width: int) -> Tensor:
-        """``[3, h, w]`` or ``[B, 3, h, w]`` in [0, 1] -> ``[B, 3, height, width]`` in [-1, 1]."""
-        if image.dim() == 3:
-            image = image[None]
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(
-                f"expected an RGB image [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}"
-            )
-        image = image.to(device=self.device, dtype=torch.float32)
-        if tuple(image.shape[-2:]) != (height, width):
-            image = F.interpolate(
-                image, size=(height, width), mode="bicubic", antialias=True, align_corners=False
-            )
-        return (image.clamp(0, 1) * 2 - 1).to(self.vae.dtype)
 
     def _encode(self, pixels: Tensor) -> Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> normalized packed tokens ``[B, N, 4 C_latent]``."""

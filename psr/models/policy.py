@@ -159,6 +159,7 @@ class PolicyBase(nn.Module):
     only, and the reference policy (adapters off, or a frozen copy for full fine-tuning)."""
 
     transformer: Any
+    vae: Any
     vae_scale_factor: int
     frozen: tuple[str, ...] = ()  # attribute names of the modules kept frozen and in eval mode
 
@@ -197,6 +198,21 @@ class PolicyBase(nn.Module):
         for name in self.frozen:
             getattr(self, name).eval()
         return self
+
+    def preprocess(self, image: Tensor, height: int, width: int) -> Tensor:
+        """The VAE's input: ``[3, h, w]`` or ``[B, 3, h, w]`` in [0, 1] -> ``[B, 3, height, width]`` in [-1, 1]."""
+        if image.dim() == 3:
+            image = image[None]
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(
+                f"expected an RGB image [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}"
+            )
+        image = image.to(device=self.device, dtype=torch.float32)
+        if tuple(image.shape[-2:]) != (height, width):
+            image = F.interpolate(
+                image, size=(height, width), mode="bicubic", antialias=True, align_corners=False
+            )
+        return (image.clamp(0, 1) * 2 - 1).to(self.vae.dtype)
 
     def velocity(self, x: Tensor, sigma: Tensor | float, cond: Any) -> Tensor:
         raise NotImplementedError
@@ -351,21 +367,6 @@ class FlowPolicy(PolicyBase):
         return out
 
     # ------------------------------------------------------------------ images <-> latents
-    def preprocess(self, image: Tensor, height: int, width: int) -> Tensor:
-        """``[3, h, w]`` or ``[B, 3, h, w]`` in [0, 1] -> ``[B, 3, height, width]`` in [-1, 1]."""
-        if image.dim() == 3:
-            image = image[None]
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(
-                f"expected an RGB image [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}"
-            )
-        image = image.to(device=self.device, dtype=torch.float32)
-        if tuple(image.shape[-2:]) != (height, width):
-            image = F.interpolate(
-                image, size=(height, width), mode="bicubic", antialias=True, align_corners=False
-            )
-        return (image.clamp(0, 1) * 2 - 1).to(self.vae.dtype)
-
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Pixels ``[B, 3, H, W]`` in [0, 1] (H, W multiples of 16) -> packed latents ``[B, N, C]``."""
