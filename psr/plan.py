@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from psr.flops import Meter, flash_attention, repeat_forwards
+from psr.models.flux2_klein import SCHEDULER_CONFIG as KLEIN_SCHEDULER
 from psr.schema import SettingsError
 
 __all__ = [
@@ -145,30 +146,20 @@ _CONFIG_FILES = {
 _QWEN3 = dict(vocab_size=151936, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
               max_position_embeddings=40960, rms_norm_eps=1e-6,
               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
-_KLEIN_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    time_shift_type="exponential",
-)  # fmt: skip
 FLUX2_KLEIN: dict[str, dict[str, dict[str, Any]]] = {
     "4b": {  # FLUX.2 klein (base) 4B: 5 double + 20 single blocks, width 3072; Qwen3-4B
         "transformer": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, attention_head_dim=128,
                             joint_attention_dim=7680, in_channels=128, mlp_ratio=3.0, guidance_embeds=False),
         "vae": {},
         "text_encoder": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
-        "scheduler": _KLEIN_SCHEDULER,
+        "scheduler": KLEIN_SCHEDULER,
     },
     "9b": {  # FLUX.2 klein (base) 9B: 8 double + 24 single blocks, width 4096; Qwen3-8B
         "transformer": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128,
                             joint_attention_dim=12288, in_channels=128, mlp_ratio=3.0, guidance_embeds=False),
         "vae": {},
         "text_encoder": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
-        "scheduler": _KLEIN_SCHEDULER,
+        "scheduler": KLEIN_SCHEDULER,
     },
 }  # fmt: skip
 # Qwen-Image-Edit(-Plus) as published: the Qwen-Image transformer and VAE (diffusers' defaults of

@@ -34,6 +34,7 @@ from psr.types import Flux2KleinConditioning
 __all__ = [
     "COMPONENTS",
     "LORA_TARGETS",
+    "SCHEDULER_CONFIG",
     "Flux2KleinPolicy",
     "empirical_mu",
     "flux2_klein",
@@ -48,6 +49,17 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _EXPECTED_LAYOUT = (
     "a diffusers-layout FLUX.2 klein directory with model_index.json and the subfolders transformer/, "
     "vae/, text_encoder/, tokenizer/, scheduler/"
+)
+# the published klein scheduler (scheduler/scheduler_config.json), also the tiny model's
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
 )
 # double blocks: the FLUX joint-attention projections; single blocks: the fused QKV + MLP input
 # projection (FLUX.2's single blocks have no separate to_q/to_k/to_v)
@@ -543,16 +555,7 @@ def tiny_flux2_klein_components(seed: int = 0, *, fitted_vae: bool = True) -> di
             tie_word_embeddings=False,
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     comps: dict[str, Any] = {
         "transformer": transformer,
         "vae": vae,
