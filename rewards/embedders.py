@@ -24,7 +24,7 @@ from rewards.loading import hf_from_pretrained
 
 __all__ = ["Embedder", "HFImageEmbedder", "dino_vits16", "dinov2", "clip_image"]
 
-OUTPUTS = ("cls", "image_embeds", "pooler")
+OUTPUTS = ("cls", "mean", "image_embeds", "pooler")
 
 
 @runtime_checkable
@@ -39,7 +39,8 @@ class HFImageEmbedder:
 
     Args:
         model: ``ViTModel`` / ``Dinov2Model`` (``output="cls"``: ``last_hidden_state[:, 0]``, the
-            final-norm CLS token), ``CLIPVisionModelWithProjection`` (``output="image_embeds"``), or any
+            final-norm CLS token; ``output="mean"``: the mean of all output tokens, CLS and
+            patches, as OmniRef-Bench's DINOv2 score takes it), ``CLIPVisionModelWithProjection`` (``output="image_embeds"``), or any
             model with a ``pooler_output`` (``output="pooler"``).
         transform: preprocessing from [0, 1] pixels to the model's input.
         max_batch: images per forward (None: all in one); bounds memory, same results.
@@ -78,6 +79,8 @@ class HFImageEmbedder:
         out = self.model(pixel_values=pixels)
         if self.output == "cls":
             feats = out.last_hidden_state[:, 0]
+        elif self.output == "mean":
+            feats = out.last_hidden_state.float().mean(dim=1)
         elif self.output == "image_embeds":
             feats = out.image_embeds
         else:

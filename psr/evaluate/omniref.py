@@ -51,7 +51,7 @@ from psr.data.sources import Records, verify_images
 from rewards.base import RewardInputs, check_images
 from rewards.detectors import Detector
 from rewards.embedders import Embedder, HFImageEmbedder
-from rewards.imaging import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, as_image_list
+from rewards.imaging import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 __all__ = ["SUBJECT_MARK", "load_omniref", "subject_query", "crop_box", "dinov2_mean_tokens", "OmniRefScorer"]
 
@@ -148,28 +148,6 @@ def load_omniref(
 # ---------------------------------------------------------------------------------------------- embedders
 
 
-class MeanTokenEmbedder(HFImageEmbedder):
-    """A transformers vision model whose embedding is the mean of all its output tokens (CLS and
-    patches), as OmniRef-Bench's DINOv2 score takes it; L2-normalised."""
-
-    @torch.no_grad()
-    def embed(self, images: Tensor | Sequence[Tensor]) -> Tensor:
-        batch = (
-            images
-            if isinstance(images, Tensor) and images.ndim == 4
-            else as_image_list(images, "MeanTokenEmbedder")
-        )
-        if len(batch) == 0:
-            return torch.zeros(0, 0, device=self.device)
-        if self.max_batch and len(batch) > self.max_batch:
-            return torch.cat(
-                [self.embed(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-            )
-        pixels = self.transform(batch, device=self.device).to(self.dtype)
-        tokens = self.model(pixel_values=pixels).last_hidden_state
-        return F.normalize(tokens.float().mean(dim=1), dim=-1)
-
-
 def dinov2_mean_tokens(
     path: str,
     *,
@@ -178,7 +156,7 @@ def dinov2_mean_tokens(
     max_batch: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-) -> MeanTokenEmbedder:
+) -> HFImageEmbedder:
     """DINOv2 from ``path`` (a local copy of ``facebook/dinov2-base``), the mean of its output
     tokens, the DINOv2 processor's preprocessing (resize 256 bicubic, crop 224, ImageNet mean/std)."""
     from transformers import Dinov2Model
@@ -193,7 +171,7 @@ def dinov2_mean_tokens(
         expected="a DINOv2 directory (facebook/dinov2-base) with config.json and model.safetensors",
     )
     transform = ImageTransform(resize, crop, IMAGENET_MEAN, IMAGENET_STD)
-    return MeanTokenEmbedder(model, transform, max_batch=max_batch, device=device, dtype=dtype)
+    return HFImageEmbedder(model, transform, output="mean", max_batch=max_batch, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- scorer

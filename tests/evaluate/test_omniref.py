@@ -242,11 +242,11 @@ def test_no_subject_reference_is_nan():
 
 def test_dinov2_mean_tokens_is_the_token_mean():
     """The embedding is the normalised mean of every output token (CLS included), not the CLS."""
-    from psr.evaluate.omniref import MeanTokenEmbedder
+    from rewards.embedders import HFImageEmbedder
     from rewards.testing import tiny_dinov2
 
     cls = tiny_dinov2(seed=0)
-    mean = MeanTokenEmbedder(cls.model, cls.transform)
+    mean = HFImageEmbedder(cls.model, cls.transform, output="mean")
     x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = cls.model(pixel_values=cls.transform(x)).last_hidden_state  # [2, 1 + patches, D]
